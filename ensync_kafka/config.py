@@ -12,7 +12,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import pydantic
 import yaml
@@ -60,7 +60,7 @@ _NAME_RE = r"^[A-Za-z0-9_-]+$"
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as ``"250ms"``, ``"5s"``, ``"1m"``, ``"2h"``, ``"7d"``."""
+    """Seconds from a number or a string such as ``"250ms"``, ``"5s"``, ``"2h"``, ``"7d"``."""
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '5s'")
     if isinstance(value, int | float):
@@ -71,7 +71,9 @@ def parse_duration(value: Any) -> float:
         match = _DURATION_RE.match(value)
         if match:
             return float(match.group(1)) * _DURATION_UNIT_S[match.group(2)]
-    raise ValueError(f"{value!r} is not a duration (use seconds or e.g. '250ms', '5s', '1m', '2h', '7d')")
+    raise ValueError(
+        f"{value!r} is not a duration (seconds, or e.g. '250ms', '5s', '1m', '2h', '7d')"
+    )
 
 
 def _positive_duration(value: Any) -> float:
@@ -107,9 +109,11 @@ class KafkaConfig(_Frozen):
     )
     """librdkafka settings passed through as-is (security.protocol, sasl.*, ssl.*, ...)."""
 
-    def client_settings(self) -> dict[str, str]:
+    def client_settings(self) -> dict[str, str | int | float | bool]:
         """The librdkafka settings with secrets revealed: pass only to a client constructor."""
-        base = {k: v.get_secret_value() for k, v in self.client.items()}
+        base: dict[str, str | int | float | bool] = {
+            k: v.get_secret_value() for k, v in self.client.items()
+        }
         if self.bootstrap_servers:
             base["bootstrap.servers"] = self.bootstrap_servers
         return base
@@ -320,6 +324,3 @@ def load_config(
     return config_from_mapping(
         data, environ=env, source=str(file), resolve_bootstrap=resolve_bootstrap
     )
-
-
-Priority = Literal[1, 2, 3, 4, 5]

@@ -1,0 +1,48 @@
+"""Audit records: one per lifecycle step of a deferral, written in the step's own transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .codec import AUDIT
+
+DEFERRED = "DEFERRED"
+DELIVERED = "DELIVERED"
+DUPLICATE = "DUPLICATE"
+REJECTED = "REJECTED"
+CANCELLED = "CANCELLED"
+RESCHEDULED = "RESCHEDULED"
+DEAD = "DEAD"
+REDRIVEN = "REDRIVEN"
+DROPPED = "DROPPED"
+RETRIED = "RETRIED"
+SHED = "SHED"
+
+
+def audit_value(
+    event: str,
+    *,
+    defer_id: str,
+    at_ms: int,
+    reason: str = "",
+    deferral: dict[str, Any] | None = None,
+    tier: str | None = None,
+    actor: str = "",
+) -> bytes:
+    """Encode an AuditRecord; ``deferral`` (a decoded Deferral) fills name, queue, priority, due."""
+    d = deferral or {}
+    return AUDIT.encode(
+        {
+            "defer_id": defer_id,
+            "event": event,
+            "at": at_ms,
+            "reason": reason,
+            "name": d.get("name"),
+            "queue": d.get("queue"),
+            "priority": d.get("priority"),
+            "tier": tier,
+            "due_at": d.get("due_at"),
+            "attempt": d.get("attempt"),
+            "actor": actor,
+        }
+    )

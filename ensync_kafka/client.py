@@ -1,0 +1,305 @@
+"""DeferClient: validate a deferral, route it to its tier topic, return once the broker has it."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from .codec import DEFERRAL
+from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
+from .exceptions import BrokerError, ValidationError
+from .models import BINARY, JSON, TEXT, Attempt, DeferRequest, Receipt, from_ms, now_ms, to_ms
+from .topics import TopicNames
+
+DELIVERY_TIMEOUT_S = 30.0
+MAX_DEFER_ID_CHARS = 200
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` while ``defer_many`` sends."""
+
+
+def choose_tier(tiers: Sequence[TierConfig], delay_s: float) -> TierConfig:
+    """The smallest tier whose span covers the delay; longer delays go to the top tier.
+
+    Chosen from the *requested* delay, so a re-sent deferral lands in the same tier and, keyed by
+    defer_id, on the same partition.
+    """
+    for tier in tiers:
+        if delay_s <= tier.span:
+            return tier
+    return tiers[-1]
+
+
+def _payload(payload: Any) -> tuple[bytes, str]:
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), BINARY
+    if isinstance(payload, str):
+        return payload.encode(), TEXT
+    try:
+        return json.dumps(payload, separators=(",", ":")).encode(), JSON
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"payload: not bytes, str or JSON-serialisable ({exc})") from None
+
+
+def _headers(headers: Any) -> list[dict[str, bytes | None]]:
+    if headers is None:
+        return []
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: list[dict[str, Any]] = []
+    try:
+        for name, value in items:
+            if not isinstance(name, str):
+                raise ValidationError(f"headers: name {name!r} is not a string")
+            if isinstance(value, str):
+                value = value.encode()
+            elif value is not None and not isinstance(value, bytes):
+                raise ValidationError(f"headers: value of {name!r} is not bytes, str or None")
+            out.append({"key": name, "value": value})
+    except (TypeError, ValueError) as exc:
+        msg = f"headers: expected a mapping or (name, value) pairs: {exc}"
+        raise ValidationError(msg) from None
+    return out
+
+
+def _delay_seconds(delay: Any) -> float:
+    if isinstance(delay, timedelta):
+        return delay.total_seconds()
+    if isinstance(delay, bool) or not isinstance(delay, int | float):
+        raise ValidationError(f"delay: expected seconds or a timedelta, got {delay!r}")
+    return float(delay)
+
+
+class DeferClient:
+    """Sends deferrals. Thread-safe; one per process is plenty.
+
+    Every call returns only after the broker acknowledged the write (``acks=all``, idempotent
+    producer), so a returned :class:`Receipt` means the deferral is durable.
+    """
+
+    def __init__(self, config: Config, *, producer_settings: Mapping[str, str] | None = None):
+        self._config = config
+        self._topics = TopicNames(config.prefix)
+        self._producer = Producer(
+            {
+                **config.kafka.client_settings(),
+                "enable.idempotence": "true",
+                "acks": "all",
+                "linger.ms": "5",
+                "compression.type": "lz4",
+                **(producer_settings or {}),
+            }
+        )
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def defer(
+        self,
+        name: str,
+        payload: Any,
+        *,
+        delay: float | timedelta,
+        priority: int = 1,
+        reason: str = "",
+        queue: str | None = None,
+        key: bytes | str | None = None,
+        defer_id: str | None = None,
+        headers: Any = None,
+    ) -> Receipt:
+        """Deliver ``payload`` as event ``name`` after ``delay`` (seconds or timedelta)."""
+        request = DeferRequest(
+            name=name,
+            payload=payload,
+            delay=delay,
+            priority=priority,
+            reason=reason,
+            queue=queue or self._config.queues[0],
+            key=key,
+            defer_id=defer_id,
+            headers=headers,
+        )
+        return self._send([self._prepare(request, now_ms())])[0]
+
+    def schedule(
+        self,
+        name: str,
+        payload: Any,
+        *,
+        at: datetime,
+        priority: int = 1,
+        reason: str = "",
+        queue: str | None = None,
+        key: bytes | str | None = None,
+        defer_id: str | None = None,
+        headers: Any = None,
+    ) -> Receipt:
+        """Deliver at ``at``, a timezone-aware datetime."""
+        request = DeferRequest(
+            name=name,
+            payload=payload,
+            at=at,
+            priority=priority,
+            reason=reason,
+            queue=queue or self._config.queues[0],
+            key=key,
+            defer_id=defer_id,
+            headers=headers,
+        )
+        return self._send([self._prepare(request, now_ms())])[0]
+
+    def defer_many(
+        self,
+        requests: Iterable[DeferRequest],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> list[Receipt]:
+        """Validate every request first (nothing is sent if one is invalid), then send them all
+        and wait for the broker's acknowledgement of each."""
+        now = now_ms()
+        prepared = []
+        for index, req in enumerate(requests):
+            try:
+                prepared.append(self._prepare(req, now))
+            except ValidationError as exc:
+                raise ValidationError(f"request {index}: {exc}") from None
+        return self._send(prepared, progress)
+
+    def _send(
+        self,
+        prepared: list[tuple[str, bytes, bytes, Receipt]],
+        progress: ProgressCallback | None = None,
+    ) -> list[Receipt]:
+        total = len(prepared)
+        failures: list[tuple[str, KafkaError]] = []
+        done = [0]
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
+            done[0] += 1
+            if err is not None:
+                failures.append((msg.key().decode(), err))
+            if progress is not None and (done[0] % 1000 == 0 or done[0] == total):
+                progress(done[0], total)
+
+        for topic, key, value, _ in prepared:
+            while True:
+                try:
+                    self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+        remaining = self._producer.flush(DELIVERY_TIMEOUT_S)
+        if remaining:
+            raise BrokerError(
+                f"{remaining} deferrals not acknowledged within {DELIVERY_TIMEOUT_S}s"
+            )
+        if failures:
+            defer_id, err = failures[0]
+            raise BrokerError(
+                f"{len(failures)} of {total} deferrals failed; first {defer_id}: {err.str()}",
+                code=err.code(),
+            )
+        return [receipt for *_, receipt in prepared]
+
+    def _prepare(self, req: DeferRequest, now: int) -> tuple[str, bytes, bytes, Receipt]:
+        record, tier = self._validate(req, now)
+        value = DEFERRAL.encode(record)
+        receipt = Receipt(
+            defer_id=record["defer_id"],
+            due_at=from_ms(record["due_at"]),
+            tier=tier.name,
+            queue=record["queue"],
+            priority=record["priority"],
+        )
+        return self._topics.defer(tier.name), record["defer_id"].encode(), value, receipt
+
+    def _validate(self, req: DeferRequest, now: int) -> tuple[dict[str, Any], TierConfig]:
+        cfg = self._config
+        if not isinstance(req.name, str) or not req.name:
+            raise ValidationError("name: a non-empty string is required")
+        prio = req.priority
+        if (
+            isinstance(prio, bool)
+            or not isinstance(prio, int)
+            or not (PRIORITY_MIN <= prio <= PRIORITY_MAX)
+        ):
+            raise ValidationError(
+                f"priority: must be an integer {PRIORITY_MIN}..{PRIORITY_MAX}, got {prio!r}"
+            )
+        if req.queue not in cfg.queues:
+            raise ValidationError(
+                f"queue: unknown queue {req.queue!r}; configured: {', '.join(cfg.queues)}"
+            )
+        if (req.delay is None) == (req.at is None):
+            raise ValidationError("exactly one of delay and at is required")
+        if req.at is not None:
+            if not isinstance(req.at, datetime):
+                raise ValidationError(f"at: expected a datetime, got {req.at!r}")
+            if req.at.tzinfo is None or req.at.utcoffset() is None:
+                raise ValidationError("at: the datetime is naive; give it a timezone (e.g. UTC)")
+            due = to_ms(req.at)
+        else:
+            delay_s = _delay_seconds(req.delay)
+            if not math.isfinite(delay_s) or delay_s < 0:
+                raise ValidationError(f"delay: must be a finite number >= 0, got {delay_s!r}")
+            due = now + round(delay_s * 1000)
+        delay_s = max(0.0, (due - now) / 1000)
+        if delay_s > cfg.defer.max_delay:
+            raise ValidationError(
+                f"delay: {delay_s:.0f}s is past the maximum delay of {cfg.defer.max_delay:.0f}s "
+                "(defer.max_delay)"
+            )
+        payload, content_type = _payload(req.payload)
+        if len(payload) > cfg.defer.max_payload_bytes:
+            raise ValidationError(
+                f"payload: {len(payload)} bytes is over the limit of "
+                f"{cfg.defer.max_payload_bytes} (defer.max_payload_bytes)"
+            )
+        defer_id = req.defer_id if req.defer_id is not None else uuid.uuid4().hex
+        if not isinstance(defer_id, str) or not defer_id or len(defer_id) > MAX_DEFER_ID_CHARS:
+            raise ValidationError(f"defer_id: 1..{MAX_DEFER_ID_CHARS} characters required")
+        key = req.key.encode() if isinstance(req.key, str) else req.key
+        if key is not None and not isinstance(key, bytes):
+            raise ValidationError(f"key: expected bytes, str or None, got {type(key).__name__}")
+        if not isinstance(req.reason, str):
+            raise ValidationError("reason: must be a string")
+        if isinstance(req.attempt, bool) or not isinstance(req.attempt, int) or req.attempt < 1:
+            raise ValidationError("attempt: must be an integer >= 1")
+        record = {
+            "defer_id": defer_id,
+            "name": req.name,
+            "payload": payload,
+            "content_type": content_type,
+            "key": key,
+            "headers": _headers(req.headers),
+            "priority": prio,
+            "queue": req.queue,
+            "deferred_at": now,
+            "due_at": due,
+            "reason": req.reason,
+            "attempt": req.attempt,
+            "history": [_attempt(a) for a in req.history],
+        }
+        return record, choose_tier(cfg.tiers, delay_s)
+
+    def flush(self, timeout: float = DELIVERY_TIMEOUT_S) -> int:
+        return int(self._producer.flush(timeout))
+
+    def close(self) -> None:
+        self._producer.flush(DELIVERY_TIMEOUT_S)
+
+    def __enter__(self) -> DeferClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attempt(a: Attempt) -> dict[str, Any]:
+    return {"attempt": a.attempt, "at": to_ms(a.at), "reason": a.reason}

@@ -1,0 +1,202 @@
+"""Per-partition RocksDB state of a tier worker, kept as a projection of the changelog.
+
+Nothing writes here except :meth:`PartitionStore.apply`, fed with changelog records after the
+transaction that produced them committed (or while restoring). So the local database can lag the
+changelog but never disagrees with it, and replaying a stretch twice is harmless.
+
+Changelog keys (the wire contract, see ``schemas/README.md``)::
+
+    b"T" + timer_key   value: Deferral bytes, or a tombstone once released/cancelled
+    b"D" + defer_id    value: StateMarker bytes, or a tombstone once expired
+
+``timer_key = due_ms (8 bytes big-endian) + (5 - priority) (1 byte) + defer_id``, so timers sort
+by due time, then highest priority first, and a tombstone alone says what to delete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rocksdict import Options, Rdict, ReadOptions, WriteBatch
+
+from .codec import MARKER
+from .config import PRIORITY_MAX
+
+TIMER = b"T"
+MARKER_PREFIX = b"D"
+_DUE = struct.Struct(">Q")
+_MARKER_VALUE = struct.Struct(">BQ")  # status, at_ms
+_OFFSET_KEY = b"changelog_offset"
+
+STATUS_DELIVERED = 1
+STATUS_CANCELLED = 2
+_STATUS_BY_NAME = {"DELIVERED": STATUS_DELIVERED, "CANCELLED": STATUS_CANCELLED}
+STATUS_NAMES = {STATUS_DELIVERED: "delivered", STATUS_CANCELLED: "cancelled"}
+
+_COLUMN_FAMILIES = ("timers", "by_priority", "index", "markers", "marker_expiry", "meta")
+
+
+def timer_key(due_ms: int, priority: int, defer_id: str) -> bytes:
+    return _DUE.pack(due_ms) + bytes((PRIORITY_MAX - priority,)) + defer_id.encode()
+
+
+def split_timer_key(key: bytes) -> tuple[int, int, str]:
+    """(due_ms, priority, defer_id)."""
+    return _DUE.unpack_from(key)[0], PRIORITY_MAX - key[8], key[9:].decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    key: bytes
+    value: bytes
+
+    @property
+    def due_ms(self) -> int:
+        return int(_DUE.unpack_from(self.key)[0])
+
+    @property
+    def priority(self) -> int:
+        return PRIORITY_MAX - self.key[8]
+
+    @property
+    def defer_id(self) -> str:
+        return self.key[9:].decode()
+
+
+def _raw_options() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.create_missing_column_families(True)
+    return opts
+
+
+class PartitionStore:
+    """RocksDB for one (tier, partition): timers, a priority index, delivered markers."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        cfs = {name: Options(raw_mode=True) for name in _COLUMN_FAMILIES}
+        self._db = Rdict(str(path), options=_raw_options(), column_families=cfs)
+        self._cf = {name: self._db.get_column_family(name) for name in _COLUMN_FAMILIES}
+        self._h = {name: self._db.get_column_family_handle(name) for name in _COLUMN_FAMILIES}
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def changelog_offset(self) -> int | None:
+        """The next changelog offset to read; None on an empty state directory."""
+        raw = self._cf["meta"].get(_OFFSET_KEY)
+        return None if raw is None else int(_DUE.unpack(raw)[0])
+
+    def held_key(self, defer_id: str) -> bytes | None:
+        """The timer key of a held deferral."""
+        prefix = self._cf["index"].get(defer_id.encode())
+        return None if prefix is None else prefix + defer_id.encode()
+
+    def marker(self, defer_id: str) -> tuple[int, int] | None:
+        """(status, at_ms) of a finished deferral within the retention window."""
+        raw = self._cf["markers"].get(defer_id.encode())
+        return None if raw is None else _MARKER_VALUE.unpack(raw)
+
+    def timer(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._cf["timers"].get(key)
+        return value
+
+    def next_due_ms(self) -> int | None:
+        it = self._cf["timers"].iter()
+        it.seek_to_first()
+        return int(_DUE.unpack_from(it.key())[0]) if it.valid() else None
+
+    def due(self, lower_ms: int, upper_ms: int, limit: int) -> list[Timer]:
+        """Timers with ``lower_ms <= due < upper_ms`` in due order, at most ``limit``."""
+        return list(self._scan("timers", _DUE.pack(lower_ms), _DUE.pack(upper_ms), limit))
+
+    def overdue(self, priority: int, upper_ms: int, limit: int) -> list[Timer]:
+        """Timers of one priority due before ``upper_ms``, oldest first, at most ``limit``."""
+        prefix = bytes((PRIORITY_MAX - priority,))
+        out = []
+        for entry in self._scan("by_priority", prefix, prefix + _DUE.pack(upper_ms), limit):
+            k = entry.key  # (5 - priority) + due + defer_id  ->  due + (5 - priority) + defer_id
+            key = k[1:9] + k[0:1] + k[9:]
+            value = self._cf["timers"].get(key)
+            if value is not None:
+                out.append(Timer(key, value))
+        return out
+
+    def expired_markers(self, before_ms: int, limit: int) -> list[str]:
+        entries = self._scan("marker_expiry", b"", _DUE.pack(before_ms), limit)
+        return [e.key[8:].decode() for e in entries]
+
+    def held_count(self) -> int:
+        """Estimated number of held deferrals (RocksDB's estimate: cheap, close enough)."""
+        value = self._cf["timers"].property_int_value("rocksdb.estimate-num-keys")
+        return int(value or 0)
+
+    def iter_timers(self, after: bytes = b"") -> Iterator[Timer]:
+        """Every held timer in due order, starting after the key ``after``."""
+        it = self._cf["timers"].iter()
+        it.seek(after) if after else it.seek_to_first()
+        while it.valid():
+            if it.key() != after:
+                yield Timer(it.key(), it.value())
+            it.next()
+
+    def _scan(self, cf: str, lower: bytes, upper: bytes, limit: int) -> Iterator[Timer]:
+        opts = ReadOptions()
+        opts.set_iterate_upper_bound(upper)
+        it = self._cf[cf].iter(opts)
+        it.seek(lower)
+        count = 0
+        while it.valid() and count < limit:
+            yield Timer(it.key(), it.value())
+            count += 1
+            it.next()
+
+    # -- the one write path -----------------------------------------------------------------
+
+    def apply(self, records: Iterable[tuple[bytes, bytes | None]], next_offset: int | None) -> None:
+        """Project changelog records into the database atomically, with the offset reached."""
+        batch = WriteBatch(raw_mode=True)
+        h = self._h
+        for key, value in records:
+            kind, rest = key[:1], key[1:]
+            if kind == TIMER:
+                by_prio = rest[8:9] + rest[:8] + rest[9:]
+                defer_id = rest[9:]
+                if value is None:
+                    batch.delete(rest, h["timers"])
+                    batch.delete(by_prio, h["by_priority"])
+                    batch.delete(defer_id, h["index"])
+                else:
+                    batch.put(rest, value, h["timers"])
+                    batch.put(by_prio, b"", h["by_priority"])
+                    batch.put(defer_id, rest[:9], h["index"])
+            elif kind == MARKER_PREFIX:
+                if value is None:
+                    old = self._cf["markers"].get(rest)
+                    batch.delete(rest, h["markers"])
+                    if old is not None:
+                        at = _MARKER_VALUE.unpack(old)[1]
+                        batch.delete(_DUE.pack(at) + rest, h["marker_expiry"])
+                else:
+                    marker = MARKER.decode(value)
+                    status = _STATUS_BY_NAME.get(marker["status"], STATUS_DELIVERED)
+                    batch.put(rest, _MARKER_VALUE.pack(status, marker["at"]), h["markers"])
+                    batch.put(_DUE.pack(marker["at"]) + rest, b"", h["marker_expiry"])
+        if next_offset is not None:
+            batch.put(_OFFSET_KEY, _DUE.pack(next_offset), h["meta"])
+        self._db.write(batch)
+
+    def close(self) -> None:
+        # rocksdict releases the lock only when every handle is gone.
+        self._cf.clear()
+        self._h.clear()
+        self._db.close()
+
+    @staticmethod
+    def destroy(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,163 @@
+"""Topic names, and idempotent provisioning that verifies what already exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
+
+from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TopicFamilyConfig
+from .exceptions import BrokerError
+
+ADMIN_TIMEOUT_S = 30.0
+TIER_RETENTION_FLOOR_S = 7 * 86400.0
+"""A tier topic keeps records at least this long, and always longer than the tier's span, so a
+worker down for a while still finds its deferrals (they are held in state once consumed)."""
+
+
+class TopicNames:
+    """Every topic name derives from the prefix; nothing else builds them."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def defer(self, tier: str) -> str:
+        return f"{self.prefix}.defer.{tier}"
+
+    def state(self, tier: str) -> str:
+        return f"{self.prefix}.state.{tier}"
+
+    def priority(self, queue: str, priority: int) -> str:
+        return f"{self.prefix}.{queue}.p{priority}"
+
+    def queue(self, queue: str) -> list[str]:
+        """Highest priority first."""
+        return [self.priority(queue, p) for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1)]
+
+    @property
+    def audit(self) -> str:
+        return f"{self.prefix}.audit"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def invalid(self) -> str:
+        return f"{self.prefix}.invalid"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    config: dict[str, str]
+
+
+def _ms(seconds: float) -> str:
+    return str(int(seconds * 1000))
+
+
+def _spec(name: str, family: TopicFamilyConfig, **config: str) -> TopicSpec:
+    cfg = {"cleanup.policy": "delete", **config}
+    if family.retention is not None:
+        cfg["retention.ms"] = _ms(family.retention)
+    return TopicSpec(
+        name=name, partitions=family.partitions, replication=family.replication, config=cfg
+    )
+
+
+def topic_specs(config: Config) -> list[TopicSpec]:
+    names = TopicNames(config.prefix)
+    t = config.topics
+    specs: list[TopicSpec] = []
+    for tier in config.tiers:
+        retention = max(TIER_RETENTION_FLOOR_S, 2 * tier.span)
+        specs.append(_spec(names.defer(tier.name), t.defer, **{"retention.ms": _ms(retention)}))
+        # The changelog must mirror the tier topic's partitioning: partition p's state lives in
+        # changelog partition p.
+        specs.append(
+            TopicSpec(
+                name=names.state(tier.name),
+                partitions=t.defer.partitions,
+                replication=t.defer.replication,
+                config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+            )
+        )
+    for queue in config.queues:
+        specs.extend(_spec(name, t.priority) for name in names.queue(queue))
+    specs.append(_spec(names.audit, t.audit))
+    specs.append(_spec(names.dead, t.dead))
+    specs.append(_spec(names.invalid, t.invalid))
+    return specs
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProvisionReport:
+    created: list[str]
+    verified: list[str]
+    mismatches: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def _admin(config: Config) -> AdminClient:
+    return AdminClient(config.kafka.client_settings())
+
+
+def ensure_topics(config: Config, admin: AdminClient | None = None) -> ProvisionReport:
+    """Create missing topics; check the partition count and cleanup policy of existing ones.
+
+    Safe to run any number of times and from several processes at once.
+    """
+    admin = admin or _admin(config)
+    specs = topic_specs(config)
+    existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    missing = [s for s in specs if s.name not in existing]
+    created: list[str] = []
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication, config=s.config) for s in missing],
+            operation_timeout=ADMIN_TIMEOUT_S,
+        )
+        for name, future in futures.items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.name() != "TOPIC_ALREADY_EXISTS":  # lost a race with another process
+                    msg = f"cannot create {name}: {err.str()}"
+                    raise BrokerError(msg, code=err.code()) from exc
+    present = [s for s in specs if s.name not in created]
+    mismatches = _verify(admin, present) if present else []
+    return ProvisionReport(
+        created=sorted(created), verified=sorted(s.name for s in present), mismatches=mismatches
+    )
+
+
+def _verify(admin: AdminClient, specs: list[TopicSpec]) -> list[str]:
+    metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    configs = {
+        res.name: future.result(timeout=ADMIN_TIMEOUT_S)
+        for res, future in admin.describe_configs(resources).items()
+    }
+    problems = []
+    for spec in specs:
+        partitions = len(metadata[spec.name].partitions)
+        if partitions != spec.partitions:
+            problems.append(
+                f"{spec.name}: has {partitions} partitions, the configuration expects "
+                f"{spec.partitions}"
+            )
+        policy = configs[spec.name]["cleanup.policy"].value
+        if policy != spec.config["cleanup.policy"]:
+            problems.append(
+                f"{spec.name}: cleanup.policy is {policy}, expected {spec.config['cleanup.policy']}"
+            )
+    return problems

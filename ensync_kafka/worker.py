@@ -1,0 +1,617 @@
+"""Tier workers: hold deferrals in RocksDB until due, then release them exactly once.
+
+One :class:`TierWorker` per tier: a read_committed consumer in the tier's group, a transactional
+producer, and a :class:`~ensync_kafka.state.PartitionStore` per assigned partition. Each loop
+turn is one Kafka transaction holding the intake of a batch (changelog puts, audit), the release
+of what is due (priority-topic records, changelog tombstones and delivered markers, audit) and
+the consumer offsets. Local state is written only after the commit, so an aborted or crashed
+turn leaves nothing behind that the changelog does not also say.
+
+Every transaction carries the offsets of all assigned partitions, even a turn that consumed
+nothing: the group generation in ``send_offsets_to_transaction`` is what fences a zombie that
+lost its partitions (KIP-447), and on assignment ``committed()`` waits for its open transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from . import audit
+from .codec import DEFERRAL, DELIVERED, INVALID, MARKER
+from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
+from .exceptions import BrokerError, SerializationError
+from .hooks import WorkerHooks
+from .models import now_ms
+from .state import MARKER_PREFIX, TIMER, PartitionStore, Timer, timer_key
+from .topics import TopicNames
+
+log = logging.getLogger("ensync_kafka.worker")
+
+TXN_TIMEOUT_S = 30.0
+RESTORE_TIMEOUT_S = 300.0
+RESTORE_APPLY_BATCH = 10_000
+MARKER_EXPIRY_INTERVAL_S = 30.0
+STATS_LOG_INTERVAL_S = 30.0
+MAX_BACKLOG_BURST_S = 0.1
+"""The catch-up token bucket holds at most this many seconds' worth of releases."""
+
+
+@dataclass
+class TierStats:
+    accepted: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    commits: int = 0
+    aborts: int = 0
+
+
+@dataclass
+class _Turn:
+    """What one transaction will write, and what to do with local state once it commits."""
+
+    records: list[tuple[str, bytes | None, bytes | None, Any]] = field(default_factory=list)
+    changelog: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
+    first_offset: dict[int, int] = field(default_factory=dict)
+    next_offset: dict[int, int] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    released: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+
+    def consumed(self, msg: Message) -> None:
+        p, offset = msg.partition(), msg.offset()
+        self.first_offset.setdefault(p, offset)
+        self.next_offset[p] = offset + 1
+
+    def change(self, partition: int, key: bytes, value: bytes | None) -> None:
+        self.changelog.setdefault(partition, []).append((key, value))
+
+    def emit(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
+        self.records.append((topic, key, value, headers))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.records or self.changelog or self.next_offset)
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def available(self) -> int:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return int(self.tokens)
+
+    def spend(self, n: int) -> None:
+        self.tokens -= n
+
+
+class TierWorker:
+    """Holds and releases the deferrals of one tier. Runs in the calling thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        tier: TierConfig,
+        *,
+        stop: threading.Event | None = None,
+        hooks: WorkerHooks | None = None,
+    ) -> None:
+        self.config = config
+        self.tier = tier
+        self.stop_event = stop or threading.Event()
+        self.hooks = hooks or WorkerHooks()
+        self.stats = TierStats()
+        self.names = TopicNames(config.prefix)
+        self.topic = self.names.defer(tier.name)
+        self.state_topic = self.names.state(tier.name)
+        w = config.worker
+        self.actor = f"worker:{w.id}"
+        self.state_root = Path(w.state_dir) / config.prefix / w.id / tier.name
+        self.stores: dict[int, PartitionStore] = {}
+        self.positions: dict[int, int] = {}
+        self._grace_ms = int(w.catchup_grace * 1000)
+        self._bucket = _TokenBucket(w.catchup_rate, w.catchup_rate * MAX_BACKLOG_BURST_S)
+        self._next_expiry = 0.0
+        self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
+        self._queues = frozenset(config.queues)
+        self._changelog_end: dict[int, int] = {}
+        client = config.kafka.client_settings()
+        self.producer = Producer(
+            {
+                **client,
+                "transactional.id": f"{config.prefix}.{tier.name}.{w.id}",
+                "transaction.timeout.ms": int(w.transaction_timeout * 1000),
+                "linger.ms": 1,
+                "queue.buffering.max.messages": 500_000,
+                # Back-to-back transactions meet CONCURRENT_TRANSACTIONS while the previous
+                # commit's markers are written; the default 100 ms backoff caps a worker at
+                # ~10 transactions/s (confluent-kafka-python #967, KAFKA-5477).
+                "retry.backoff.ms": 2,
+                "retry.backoff.max.ms": 20,
+            }
+        )
+        self.consumer = Consumer(
+            {
+                **client,
+                "group.id": f"{config.prefix}.worker.{tier.name}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "queued.max.messages.kbytes": 16384,
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        self.restorer = Consumer(
+            {
+                **client,
+                "group.id": f"{config.prefix}.restore.{tier.name}.{w.id}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,
+            }
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.producer.init_transactions(TXN_TIMEOUT_S)
+        except KafkaException as exc:
+            raise BrokerError(f"tier {self.tier.name}: init_transactions: {exc}") from exc
+        self.consumer.subscribe(
+            [self.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        log.info("tier %s: worker %s started", self.tier.name, self.config.worker.id)
+        try:
+            while not self.stop_event.is_set():
+                self.step()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self.consumer.close()  # leaves the group: partitions move on at once
+        finally:
+            self.restorer.close()
+            for store in self.stores.values():
+                store.close()
+            self.stores.clear()
+            self.producer.flush(5)
+            log.info("tier %s: worker stopped (%s)", self.tier.name, self.stats)
+
+    # -- one turn -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Consume a batch, release what is due, commit both in one transaction."""
+        msgs = self.consumer.consume(self.config.worker.intake_batch_size, self._wait_s())
+        now = now_ms()
+        turn = _Turn()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise BrokerError(
+                        f"tier {self.tier.name}: consumer: {err.str()}", code=err.code()
+                    )
+                log.warning("tier %s: consumer error: %s", self.tier.name, err.str())
+                continue
+            self._intake(msg, turn, now)
+        self._release(now, turn)
+        self._expire_markers(now, turn)
+        if not turn.empty:
+            self._commit(turn)
+        self._log_stats()
+
+    def _wait_s(self) -> float:
+        cap = self.config.worker.max_commit_interval
+        due = [d for d in (s.next_due_ms() for s in self.stores.values()) if d is not None]
+        if not due:
+            return cap
+        wait_ms = min(due) - now_ms()
+        if wait_ms < -self._grace_ms:  # backlog: pace by the catch-up bucket
+            return 0.0 if self._bucket.available() >= 1 else min(cap, 1 / self._bucket.rate)
+        return max(0.0, min(cap, wait_ms / 1000))
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def _problem(self, rec: dict[str, Any]) -> str | None:
+        if not rec["defer_id"]:
+            return "empty defer_id"
+        if not PRIORITY_MIN <= rec["priority"] <= PRIORITY_MAX:
+            return f"priority {rec['priority']} outside {PRIORITY_MIN}..{PRIORITY_MAX}"
+        if rec["queue"] not in self._queues:
+            return f"unknown queue {rec['queue']!r}"
+        if rec["due_at"] < 0:
+            return "negative due_at"
+        return None
+
+    def _intake(self, msg: Message, turn: _Turn, now: int) -> None:
+        p = msg.partition()
+        turn.consumed(msg)
+        store = self.stores.get(p)
+        if store is None:  # not ours any more; the next owner reads it again
+            return
+        value = msg.value()
+        try:
+            rec = DEFERRAL.decode(value)
+            problem = self._problem(rec)
+        except SerializationError as exc:
+            rec, problem = None, str(exc)
+        if problem is not None or rec is None:
+            self._quarantine(msg, problem or "undecodable", turn, now)
+            return
+        defer_id = rec["defer_id"]
+        if defer_id in turn.seen or store.held_key(defer_id) or store.marker(defer_id):
+            turn.duplicates += 1
+            reason = "duplicate defer_id: already held or delivered"
+            turn.emit(
+                self.names.audit, defer_id.encode(), self._audit(audit.DUPLICATE, rec, now, reason)
+            )
+            return
+        turn.seen.add(defer_id)
+        turn.accepted += 1
+        key = timer_key(rec["due_at"], rec["priority"], defer_id)
+        turn.change(p, TIMER + key, value)
+        turn.emit(
+            self.names.audit,
+            defer_id.encode(),
+            self._audit(audit.DEFERRED, rec, now, rec["reason"]),
+        )
+
+    def _quarantine(self, msg: Message, reason: str, turn: _Turn, now: int) -> None:
+        turn.invalid += 1
+        key = msg.key()
+        invalid = INVALID.encode(
+            {
+                "source_topic": msg.topic(),
+                "source_partition": msg.partition(),
+                "source_offset": msg.offset(),
+                "key": key,
+                "value": msg.value(),
+                "reason": reason,
+                "rejected_at": now,
+            }
+        )
+        turn.emit(self.names.invalid, key, invalid)
+        defer_id = key.decode(errors="replace") if key else ""
+        rejected = audit.audit_value(
+            audit.REJECTED,
+            defer_id=defer_id,
+            at_ms=now,
+            reason=reason,
+            tier=self.tier.name,
+            actor=self.actor,
+        )
+        turn.emit(self.names.audit, key, rejected)
+        log.warning(
+            "tier %s: quarantined %s[%d]@%d: %s",
+            self.tier.name,
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            reason,
+        )
+
+    def _audit(self, event: str, rec: dict[str, Any], now: int, reason: str) -> bytes:
+        return audit.audit_value(
+            event,
+            defer_id=rec["defer_id"],
+            at_ms=now,
+            reason=reason,
+            deferral=rec,
+            tier=self.tier.name,
+            actor=self.actor,
+        )
+
+    # -- release ------------------------------------------------------------------------------
+
+    def _release(self, now: int, turn: _Turn) -> None:
+        budget = self.config.worker.fire_batch_size
+        on_time_from = now - self._grace_ms
+        for p, store in self.stores.items():
+            if budget <= 0:
+                return
+            timers = store.due(on_time_from, now + 1, budget)
+            for timer in timers:
+                self._fire(p, timer, now, turn)
+            budget -= len(timers)
+        # The overdue backlog: highest priority first, oldest first, paced by the bucket.
+        budget = min(budget, self._bucket.available())
+        if budget <= 0:
+            return
+        released = 0
+        for priority in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1):
+            candidates = [
+                (timer.key, p, timer)
+                for p, store in self.stores.items()
+                for timer in store.overdue(priority, on_time_from, budget - released)
+            ]
+            candidates.sort()
+            for _, p, timer in candidates[: budget - released]:
+                self._fire(p, timer, now, turn)
+                released += 1
+            if released >= budget:
+                break
+        self._bucket.spend(released)
+
+    def _fire(self, p: int, timer: Timer, now: int, turn: _Turn) -> None:
+        rec = DEFERRAL.decode(timer.value)
+        defer_id = rec["defer_id"]
+        delivered = DELIVERED.encode({**rec, "delivered_at": now, "tier": self.tier.name})
+        headers = [(h["key"], h["value"]) for h in rec["headers"]]
+        topic = self.names.priority(rec["queue"], rec["priority"])
+        turn.emit(topic, rec["key"] or defer_id.encode(), delivered, headers)
+        turn.change(p, TIMER + timer.key, None)
+        marker = MARKER.encode({"defer_id": defer_id, "status": "DELIVERED", "at": now})
+        turn.change(p, MARKER_PREFIX + defer_id.encode(), marker)
+        turn.emit(
+            self.names.audit,
+            defer_id.encode(),
+            self._audit(audit.DELIVERED, rec, now, rec["reason"]),
+        )
+        turn.released.append((p, rec))
+
+    def _expire_markers(self, now: int, turn: _Turn) -> None:
+        if time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + MARKER_EXPIRY_INTERVAL_S
+        before = now - int(self.config.worker.delivered_retention * 1000)
+        for p, store in self.stores.items():
+            for defer_id in store.expired_markers(before, self.config.worker.fire_batch_size):
+                turn.change(p, MARKER_PREFIX + defer_id.encode(), None)
+
+    # -- the transaction ----------------------------------------------------------------------
+
+    def _commit(self, turn: _Turn) -> None:
+        producer = self.producer
+        last_offsets: dict[int, int] = {}
+
+        def on_changelog(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                last_offsets[msg.partition()] = msg.offset()
+
+        try:
+            producer.begin_transaction()
+            for topic, key, value, headers in turn.records:
+                self._produce(topic, key, value, headers=headers)
+            for p, changes in turn.changelog.items():
+                for i, (key, value) in enumerate(changes):
+                    cb = on_changelog if i == len(changes) - 1 else None
+                    self._produce(self.state_topic, key, value, partition=p, on_delivery=cb)
+            offsets = {**self.positions, **turn.next_offset}
+            if offsets:
+                producer.send_offsets_to_transaction(
+                    [TopicPartition(self.topic, p, o) for p, o in offsets.items()],
+                    self.consumer.consumer_group_metadata(),
+                    TXN_TIMEOUT_S,
+                )
+            producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
+            producer.commit_transaction(TXN_TIMEOUT_S)
+        except KafkaException as exc:
+            self._abort(turn, exc)
+            return
+        self.positions.update(turn.next_offset)
+        for p, changes in turn.changelog.items():
+            store = self.stores.get(p)
+            if store is not None:
+                end = last_offsets.get(p)
+                store.apply(changes, None if end is None else end + 1)
+        st = self.stats
+        st.commits += 1
+        st.accepted += turn.accepted
+        st.duplicates += turn.duplicates
+        st.invalid += turn.invalid
+        st.delivered += len(turn.released)
+        self.hooks.on_commit(self.tier.name, turn.accepted, turn.duplicates, turn.invalid)
+        for _, rec in turn.released:
+            self.hooks.on_delivered(self.tier.name, rec, now_ms())
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        partition: int = -1,
+        headers: Any = None,
+        on_delivery: Any = None,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    partition=partition,
+                    headers=headers,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                self.producer.poll(0.01)
+
+    def _abort(self, turn: _Turn, exc: KafkaException) -> None:
+        err: KafkaError = exc.args[0]
+        self.stats.aborts += 1
+        if err.fatal():
+            raise BrokerError(
+                f"tier {self.tier.name}: producer fenced or failed fatally: {err.str()}",
+                code=err.code(),
+            ) from exc
+        log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
+        try:
+            self.producer.abort_transaction(TXN_TIMEOUT_S)
+        except KafkaException as abort_exc:
+            raise BrokerError(f"tier {self.tier.name}: abort failed: {abort_exc}") from abort_exc
+        # Nothing of this turn happened: read its records again.
+        for p, offset in turn.first_offset.items():
+            if p in self.stores:
+                self.consumer.seek(TopicPartition(self.topic, p, offset))
+
+    # -- assignment and restore -----------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            return
+        # committed() waits for a previous owner's open transaction (require_stable), which is
+        # also what makes the changelog below final for these partitions.
+        for tp in consumer.committed(partitions, timeout=TXN_TIMEOUT_S):
+            if tp.offset >= 0:
+                self.positions[tp.partition] = tp.offset
+        numbers = [tp.partition for tp in partitions]
+        stores = {p: PartitionStore(self.state_root / str(p)) for p in numbers}
+        started = time.monotonic()
+        restored = self._restore(stores)
+        self.stores.update(stores)
+        log.info(
+            "tier %s: assigned %s, restored %d changelog records in %.2fs",
+            self.tier.name,
+            numbers,
+            restored,
+            time.monotonic() - started,
+        )
+        self.hooks.on_assigned(self.tier.name, numbers)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        for p in numbers:
+            store = self.stores.pop(p, None)
+            if store is not None:
+                store.close()
+            self.positions.pop(p, None)
+        if numbers:
+            log.info("tier %s: revoked %s", self.tier.name, numbers)
+            self.hooks.on_revoked(self.tier.name, numbers)
+
+    def _restore(self, stores: dict[int, PartitionStore]) -> int:
+        """Replay each partition's changelog from its stored offset to the end."""
+        starts = []
+        for p, store in stores.items():
+            offset = store.changelog_offset()
+            starts.append(
+                TopicPartition(self.state_topic, p, OFFSET_BEGINNING if offset is None else offset)
+            )
+        self.restorer.assign(starts)
+        pending: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in stores}
+        last: dict[int, int] = {}
+        open_partitions = set(stores)
+        total = 0
+        deadline = time.monotonic() + RESTORE_TIMEOUT_S
+        try:
+            while open_partitions:
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"tier {self.tier.name}: restore of {sorted(open_partitions)} timed out"
+                    )
+                for msg in self.restorer.consume(1000, 0.5):
+                    p = msg.partition()
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            stores[p].apply(pending[p], msg.offset())
+                            pending[p] = []
+                            open_partitions.discard(p)
+                            continue
+                        raise BrokerError(
+                            f"restore {self.state_topic}[{p}]: {err.str()}", code=err.code()
+                        )
+                    pending[p].append((msg.key(), msg.value()))
+                    last[p] = msg.offset()
+                    total += 1
+                    if len(pending[p]) >= RESTORE_APPLY_BATCH:
+                        stores[p].apply(pending[p], last[p] + 1)
+                        pending[p] = []
+        finally:
+            self.restorer.unassign()
+        return total
+
+    def _log_stats(self) -> None:
+        if time.monotonic() < self._next_stats:
+            return
+        self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
+        held = sum(s.held_count() for s in self.stores.values())
+        log.info("tier %s: held~%d %s", self.tier.name, held, self.stats)
+
+
+class Worker:
+    """Runs a :class:`TierWorker` per tier in threads until :meth:`stop` or SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        config: Config,
+        tiers: Sequence[str] | None = None,
+        *,
+        hooks: WorkerHooks | None = None,
+    ) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        names = tiers or config.tier_names
+        self.tiers = [
+            TierWorker(config, config.tier(n), stop=self.stop_event, hooks=hooks) for n in names
+        ]
+        self.errors: list[BaseException] = []
+
+    def _run_tier(self, tier: TierWorker) -> None:
+        try:
+            tier.run()
+        except BaseException as exc:
+            log.exception("tier %s: worker failed", tier.tier.name)
+            self.errors.append(exc)
+            self.stop_event.set()
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        if install_signal_handlers:
+            self._install_signal_handlers()
+        threads = [
+            threading.Thread(target=self._run_tier, args=(t,), name=f"tier-{t.tier.name}")
+            for t in self.tiers
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        if self.errors:
+            raise self.errors[0]
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: finishing the open transaction and stopping", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
