@@ -1,0 +1,130 @@
+"""Pipeline commands: ``topics create``, ``worker``, ``defer``, ``schedule``."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+
+from ..client import DeferClient
+from ..config import parse_duration
+from ..models import Receipt
+from ..topics import ensure_topics
+from ..worker import Worker
+from ._common import CONTEXT_SETTINGS, config_option, load
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+def topics() -> None:
+    """Provision and verify the topics the configuration needs."""
+
+
+@topics.command("create", context_settings=CONTEXT_SETTINGS)
+@config_option
+def topics_create(config_path: str | None) -> None:
+    """Create missing topics and check existing ones (idempotent)."""
+    report = ensure_topics(load(config_path))
+    for name in report.created:
+        click.echo(f"created   {name}")
+    for name in report.verified:
+        click.echo(f"verified  {name}")
+    for problem in report.mismatches:
+        click.echo(f"MISMATCH  {problem}", err=True)
+    if not report.ok:
+        raise click.ClickException(f"{len(report.mismatches)} topic(s) differ from the config")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option(
+    "--tiers", default=None, show_envvar=True, help="Comma-separated tiers [default: all]"
+)
+@click.option("--worker-id", default=None, show_envvar=True, help="Overrides worker.id")
+@click.option("--state-dir", default=None, show_envvar=True, help="Overrides worker.state_dir")
+def worker(
+    config_path: str | None, tiers: str | None, worker_id: str | None, state_dir: str | None
+) -> None:
+    """Run tier workers until SIGTERM/SIGINT."""
+    config = load(config_path)
+    overrides: dict[str, Any] = {}
+    if worker_id:
+        overrides["id"] = worker_id
+    if state_dir:
+        overrides["state_dir"] = state_dir
+    if overrides:
+        data = config.model_dump()
+        data["worker"].update(overrides)
+        config = type(config).model_validate(data)
+    names = [t.strip() for t in tiers.split(",") if t.strip()] if tiers else None
+    if names:
+        for name in names:
+            config.tier(name)  # a clear error for an unknown tier
+    Worker(config, names).run()
+
+
+def _send_options(func: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--name", required=True, help="Event name"),
+            click.option("--payload", default="null", show_default=True, help="JSON payload"),
+            click.option("--priority", type=int, default=1, show_default=True, help="1..5"),
+            click.option("--reason", default="", help="Why it is deferred (audited)"),
+            click.option("--queue", default=None, help="Destination queue [default: first]"),
+            click.option("--key", default=None, help="Event key"),
+            click.option("--defer-id", default=None, help="Idempotency id [default: fresh]"),
+        ]
+    ):
+        func = option(func)
+    return config_option(func)
+
+
+def _payload(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+
+
+def _print_receipt(receipt: Receipt) -> None:
+    click.echo(
+        json.dumps(
+            {
+                "defer_id": receipt.defer_id,
+                "due_at": receipt.due_at.isoformat(),
+                "tier": receipt.tier,
+                "queue": receipt.queue,
+                "priority": receipt.priority,
+            }
+        )
+    )
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--delay", required=True, help="e.g. 500ms, 5s, 10m, 2h")
+@_send_options
+def defer(config_path: str | None, delay: str, payload: str, **kw: Any) -> None:
+    """Defer one event by a delay; prints the receipt as JSON."""
+    try:
+        seconds = parse_duration(delay)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--delay") from None
+    with DeferClient(load(config_path)) as client:
+        _print_receipt(client.defer(payload=_payload(payload), delay=seconds, **kw))
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--at", "at", required=True, help="ISO 8601 with a timezone")
+@_send_options
+def schedule(config_path: str | None, at: str, payload: str, **kw: Any) -> None:
+    """Deliver one event at a time; prints the receipt as JSON."""
+    try:
+        when = datetime.fromisoformat(at)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--at") from None
+    with DeferClient(load(config_path)) as client:
+        _print_receipt(client.schedule(payload=_payload(payload), at=when, **kw))
+
+
+COMMANDS: list[click.Command] = [topics, worker, defer, schedule]
