@@ -82,7 +82,7 @@ class Codec:
         buf = io.BytesIO(data)
         buf.seek(2)
         try:
-            record: dict[str, Any] = fastavro.schemaless_reader(buf, self._parsed, None)
+            record: dict[str, Any] = fastavro.schemaless_reader(buf, self._parsed, None)  # type: ignore[assignment]
         except Exception as exc:  # fastavro raises anything from EOFError to UnicodeDecodeError
             raise SerializationError(f"cannot decode {self.name}: {exc}") from exc
         if buf.tell() != len(data):

@@ -79,7 +79,7 @@ class _Turn:
     invalid: int = 0
 
     def consumed(self, msg: Message) -> None:
-        p, offset = msg.partition(), msg.offset()
+        p, offset = _where(msg)
         self.first_offset.setdefault(p, offset)
         self.next_offset[p] = offset + 1
 
@@ -92,6 +92,13 @@ class _Turn:
     @property
     def empty(self) -> bool:
         return not (self.records or self.changelog or self.next_offset)
+
+
+def _where(msg: Message) -> tuple[int, int]:
+    """(partition, offset) of a consumed record; librdkafka sets both on every one."""
+    p, offset = msg.partition(), msg.offset()
+    assert p is not None and offset is not None
+    return p, offset
 
 
 class _TokenBucket:
@@ -257,7 +264,7 @@ class TierWorker:
         return None
 
     def _intake(self, msg: Message, turn: _Turn, now: int) -> None:
-        p = msg.partition()
+        p, _ = _where(msg)
         turn.consumed(msg)
         store = self.stores.get(p)
         if store is None:  # not ours any more; the next owner reads it again
@@ -399,7 +406,8 @@ class TierWorker:
 
         def on_changelog(err: KafkaError | None, msg: Message) -> None:
             if err is None:
-                last_offsets[msg.partition()] = msg.offset()
+                p, offset = _where(msg)
+                last_offsets[p] = offset
 
         try:
             producer.begin_transaction()
@@ -535,19 +543,19 @@ class TierWorker:
                         f"tier {self.tier.name}: restore of {sorted(open_partitions)} timed out"
                     )
                 for msg in self.restorer.consume(1000, 0.5):
-                    p = msg.partition()
                     err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            stores[p].apply(pending[p], msg.offset())
-                            pending[p] = []
-                            open_partitions.discard(p)
-                            continue
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
                         raise BrokerError(
-                            f"restore {self.state_topic}[{p}]: {err.str()}", code=err.code()
+                            f"restore {self.state_topic}: {err.str()}", code=err.code()
                         )
-                    pending[p].append((msg.key(), msg.value()))
-                    last[p] = msg.offset()
+                    p, offset = _where(msg)
+                    if err is not None:  # end of the partition: restored
+                        stores[p].apply(pending[p], offset)
+                        pending[p] = []
+                        open_partitions.discard(p)
+                        continue
+                    pending[p].append((msg.key() or b"", msg.value()))
+                    last[p] = offset
                     total += 1
                     if len(pending[p]) >= RESTORE_APPLY_BATCH:
                         stores[p].apply(pending[p], last[p] + 1)
