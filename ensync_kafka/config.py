@@ -39,6 +39,7 @@ DEFAULT_FIRE_BATCH_SIZE = 5000
 DEFAULT_INTAKE_BATCH_SIZE = 5000
 DEFAULT_MAX_COMMIT_INTERVAL_S = 0.05
 DEFAULT_POLL_INTERVAL_S = 0.1
+DEFAULT_RELEASE_LOOKAHEAD_S = 0.05
 DEFAULT_DELIVERED_RETENTION_S = 7 * 86400.0
 DEFAULT_CATCHUP_RATE_PER_S = 10_000.0
 DEFAULT_CATCHUP_GRACE_S = 1.0
@@ -161,6 +162,10 @@ class WorkerConfig(_Frozen):
     intake_batch_size: int = Field(default=DEFAULT_INTAKE_BATCH_SIZE, ge=1)
     max_commit_interval: PositiveDuration = DEFAULT_MAX_COMMIT_INTERVAL_S
     poll_interval: PositiveDuration = DEFAULT_POLL_INTERVAL_S
+    release_lookahead: Duration = Field(default=DEFAULT_RELEASE_LOOKAHEAD_S, ge=0, le=1)
+    """Timers due within this many seconds join the current transaction, which commits only
+    once the last of them is due: read_committed consumers never see one early, and the
+    transaction's own latency is spent before the due time instead of after it."""
     delivered_retention: PositiveDuration = DEFAULT_DELIVERED_RETENTION_S
     """How long a delivered marker is kept to drop a late duplicate of the same defer_id."""
     catchup_rate: float = Field(default=DEFAULT_CATCHUP_RATE_PER_S, gt=0)

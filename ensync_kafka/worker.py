@@ -74,6 +74,8 @@ class _Turn:
     next_offset: dict[int, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     released: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    commit_not_before_ms: int = 0
+    """The latest due time released in this turn: the commit waits for it."""
     accepted: int = 0
     duplicates: int = 0
     invalid: int = 0
@@ -143,6 +145,7 @@ class TierWorker:
         self.stores: dict[int, PartitionStore] = {}
         self.positions: dict[int, int] = {}
         self._grace_ms = int(w.catchup_grace * 1000)
+        self._lookahead_ms = int(w.release_lookahead * 1000)
         self._bucket = _TokenBucket(w.catchup_rate, w.catchup_rate * MAX_BACKLOG_BURST_S)
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
@@ -245,7 +248,7 @@ class TierWorker:
         due = [d for d in (s.next_due_ms() for s in self.stores.values()) if d is not None]
         if not due:
             return cap
-        wait_ms = min(due) - now_ms()
+        wait_ms = min(due) - self._lookahead_ms - now_ms()
         if wait_ms < -self._grace_ms:  # backlog: pace by the catch-up bucket
             return 0.0 if self._bucket.available() >= 1 else min(cap, 1 / self._bucket.rate)
         return max(0.0, min(cap, wait_ms / 1000))
@@ -349,7 +352,7 @@ class TierWorker:
         for p, store in self.stores.items():
             if budget <= 0:
                 return
-            timers = store.due(on_time_from, now + 1, budget)
+            timers = store.due(on_time_from, now + self._lookahead_ms + 1, budget)
             for timer in timers:
                 self._fire(p, timer, now, turn)
             budget -= len(timers)
@@ -375,17 +378,20 @@ class TierWorker:
     def _fire(self, p: int, timer: Timer, now: int, turn: _Turn) -> None:
         rec = DEFERRAL.decode(timer.value)
         defer_id = rec["defer_id"]
-        delivered = DELIVERED.encode({**rec, "delivered_at": now, "tier": self.tier.name})
+        # A pre-staged timer is released at its due time: that is when its transaction commits.
+        released_at = max(now, rec["due_at"])
+        turn.commit_not_before_ms = max(turn.commit_not_before_ms, released_at)
+        delivered = DELIVERED.encode({**rec, "delivered_at": released_at, "tier": self.tier.name})
         headers = [(h["key"], h["value"]) for h in rec["headers"]]
         topic = self.names.priority(rec["queue"], rec["priority"])
         turn.emit(topic, rec["key"] or defer_id.encode(), delivered, headers)
         turn.change(p, TIMER + timer.key, None)
-        marker = MARKER.encode({"defer_id": defer_id, "status": "DELIVERED", "at": now})
+        marker = MARKER.encode({"defer_id": defer_id, "status": "DELIVERED", "at": released_at})
         turn.change(p, MARKER_PREFIX + defer_id.encode(), marker)
         turn.emit(
             self.names.audit,
             defer_id.encode(),
-            self._audit(audit.DELIVERED, rec, now, rec["reason"]),
+            self._audit(audit.DELIVERED, rec, released_at, rec["reason"]),
         )
         turn.released.append((p, rec))
 
@@ -425,6 +431,11 @@ class TierWorker:
                     TXN_TIMEOUT_S,
                 )
             producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
+            wait_ms = turn.commit_not_before_ms - now_ms()
+            if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
+                time.sleep(wait_ms / 1000)
+            while now_ms() < turn.commit_not_before_ms:
+                time.sleep(0.0005)
             producer.commit_transaction(TXN_TIMEOUT_S)
         except KafkaException as exc:
             self._abort(turn, exc)
