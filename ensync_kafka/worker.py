@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -101,6 +101,19 @@ def _where(msg: Message) -> tuple[int, int]:
     p, offset = msg.partition(), msg.offset()
     assert p is not None and offset is not None
     return p, offset
+
+
+def _retrying(call: Callable[[], None], attempts: int = 3) -> None:
+    """Repeat a transactional call on a retriable error, as librdkafka asks; an abortable or
+    fatal error propagates (a commit that timed out may have succeeded: it must not be aborted)."""
+    for attempt in range(attempts):
+        try:
+            call()
+            return
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if not err.retriable() or attempt == attempts - 1:
+                raise
 
 
 class _TokenBucket:
@@ -425,10 +438,10 @@ class TierWorker:
                     self._produce(self.state_topic, key, value, partition=p, on_delivery=cb)
             offsets = {**self.positions, **turn.next_offset}
             if offsets:
-                producer.send_offsets_to_transaction(
-                    [TopicPartition(self.topic, p, o) for p, o in offsets.items()],
-                    self.consumer.consumer_group_metadata(),
-                    TXN_TIMEOUT_S,
+                tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
+                metadata = self.consumer.consumer_group_metadata()
+                _retrying(
+                    lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S)
                 )
             producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
             wait_ms = turn.commit_not_before_ms - now_ms()
@@ -436,7 +449,7 @@ class TierWorker:
                 time.sleep(wait_ms / 1000)
             while now_ms() < turn.commit_not_before_ms:
                 time.sleep(0.0005)
-            producer.commit_transaction(TXN_TIMEOUT_S)
+            _retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
         except KafkaException as exc:
             self._abort(turn, exc)
             return
@@ -487,6 +500,12 @@ class TierWorker:
             raise BrokerError(
                 f"tier {self.tier.name}: producer fenced or failed fatally: {err.str()}",
                 code=err.code(),
+            ) from exc
+        if not err.txn_requires_abort():
+            # Retries ran out and the outcome is unknown. Stopping is safe: a restart with the
+            # same transactional.id completes or aborts it, and state is restored from there.
+            raise BrokerError(
+                f"tier {self.tier.name}: transaction outcome unknown: {err.str()}", code=err.code()
             ) from exc
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
         try:
