@@ -209,6 +209,8 @@ class TierWorker:
             self.producer.init_transactions(TXN_TIMEOUT_S)
         except KafkaException as exc:
             raise BrokerError(f"tier {self.tier.name}: init_transactions: {exc}") from exc
+        # Connect the restore consumer now, not in the first assignment's critical path.
+        self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
         self.consumer.subscribe(
             [self.topic],
             on_assign=self._on_assign,
@@ -572,7 +574,7 @@ class TierWorker:
                     raise BrokerError(
                         f"tier {self.tier.name}: restore of {sorted(open_partitions)} timed out"
                     )
-                for msg in self.restorer.consume(1000, 0.5):
+                for msg in self.restorer.consume(1000, 0.05):
                     err = msg.error()
                     if err is not None and err.code() != KafkaError._PARTITION_EOF:
                         raise BrokerError(
