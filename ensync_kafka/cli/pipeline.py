@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..client import DeferClient
-from ..config import parse_duration
+from ..config import WorkerConfig, parse_duration
 from ..models import Receipt
 from ..topics import ensure_topics
 from ..worker import Worker
@@ -54,9 +54,8 @@ def worker(
     if state_dir:
         overrides["state_dir"] = state_dir
     if overrides:
-        data = config.model_dump()
-        data["worker"].update(overrides)
-        config = type(config).model_validate(data)
+        worker_config = WorkerConfig.model_validate({**config.worker.model_dump(), **overrides})
+        config = config.model_copy(update={"worker": worker_config})
     names = [t.strip() for t in tiers.split(",") if t.strip()] if tiers else None
     if names:
         for name in names:
