@@ -33,9 +33,9 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from . import broker, pipeline
+    from . import broker, consumer, monitor, pipeline
 
-    for module in (broker, pipeline):
+    for module in (broker, pipeline, consumer, monitor):
         for command in module.COMMANDS:
             cli.add_command(command)
 
@@ -43,7 +43,8 @@ def _register() -> None:
 def main() -> None:
     _register()
     try:
-        cli.main(prog_name="ensync-kafka", standalone_mode=False)
+        # standalone_mode=False returns ctx.exit(n)'s code instead of exiting: pass it on.
+        code = cli.main(prog_name="ensync-kafka", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -55,3 +56,5 @@ def main() -> None:
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -1,0 +1,713 @@
+"""A real single-node Apache Kafka broker for development and tests, without Docker.
+
+Kafka is not packaged for Debian or PyPI, but its jars are on Maven Central. The first start
+resolves ``ops/kafka/pom.xml`` with Maven into a cache outside the repository (later starts are
+offline), formats a fresh KRaft log directory and runs ``kafka.Kafka`` in combined
+broker+controller mode on free loopback ports.
+
+Two ways to run one:
+
+- ``LocalBroker().start()`` (what ``ensync-kafka broker start`` does): a detached daemon
+  recorded in ``<home>/broker.json``; it outlives the starting process until ``stop()``.
+- ``LocalBroker.ephemeral().start()`` (the test fixtures): a per-run home in a shared test
+  registry, and a broker killed by the kernel when the starting process dies, even by SIGKILL.
+  Each new ephemeral home first reaps what killed runs left behind.
+
+Linux is the supported platform (``/proc`` and ``prctl``); elsewhere the daemon mode works with
+``ps`` and the die-with-parent guarantee is reduced to the reaping on the next run.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from .exceptions import LocalBrokerError
+
+__all__ = [
+    "KAFKA_VERSION",
+    "BrokerInfo",
+    "LocalBroker",
+    "cache_dir",
+    "default_home",
+    "ensure_jars",
+    "ephemeral_home",
+    "new_cluster_id",
+    "reap_stale_test_brokers",
+    "render_server_properties",
+    "running_bootstrap",
+]
+
+KAFKA_VERSION = "4.1.1"
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
+DEFAULT_HEAP = "1g"
+DEFAULT_START_TIMEOUT_S = 120.0
+DEFAULT_STOP_TIMEOUT_S = 30.0
+FETCH_TIMEOUT_S = 900.0
+FORMAT_TIMEOUT_S = 120.0
+KILL_WAIT_S = 10.0
+STARTED_MARKER = "Kafka Server started"
+HOST = "127.0.0.1"
+
+ENV_CACHE = "ENSYNC_KAFKA_CACHE"
+ENV_HOME = "ENSYNC_HOME"
+STATE_FILE = "broker.json"
+LOG_FILE = "broker.log"
+OWNER_FILE = "owner.json"
+
+_LIBS = "libs"
+_LIBS_STAMP = ".ensync-complete"
+_LOCK = ".lock"
+_POLL_S = 0.1
+_PORT_ATTEMPTS = 3
+_LOG_TAIL_LINES = 25
+_UNOWNED_GRACE_S = 60.0
+_PR_SET_PDEATHSIG = 1
+_JAVA_HINT = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
+_MVN_HINT = "install Apache Maven (e.g. `apt-get install maven`), needed once to fetch Kafka jars"
+
+
+# --- locations -----------------------------------------------------------------------------
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def _user_home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$ENSYNC_KAFKA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/ensync-kafka/kafka-4.1.1``."""
+    env = _env(environ)
+    if env.get(ENV_CACHE):
+        return Path(env[ENV_CACHE]).expanduser()
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else _user_home(env) / ".cache"
+    return base / "ensync-kafka" / f"kafka-{KAFKA_VERSION}"
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    """``$ENSYNC_HOME``, else ``${XDG_STATE_HOME:-~/.local/state}/ensync-kafka/broker``."""
+    env = _env(environ)
+    if env.get(ENV_HOME):
+        return Path(env[ENV_HOME]).expanduser()
+    if env.get("XDG_STATE_HOME"):
+        base = Path(env["XDG_STATE_HOME"])
+    else:
+        base = _user_home(env) / ".local" / "state"
+    return base / "ensync-kafka" / "broker"
+
+
+def _ops_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "ops" / "kafka", here.parent / "ops" / "kafka"):
+        if (candidate / "pom.xml").is_file():
+            return candidate
+    raise LocalBrokerError(f"ops/kafka (the broker POM and config) not found near {here}")
+
+
+def _test_registry() -> Path:
+    return Path(tempfile.gettempdir()) / f"ensync-kafka-tests-{os.getuid()}"
+
+
+# --- small process and file helpers --------------------------------------------------------
+
+
+def _require(program: str, hint: str) -> str:
+    found = shutil.which(program)
+    if not found:
+        raise LocalBrokerError(f"`{program}` not found on PATH: {hint}")
+    return found
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from field 3 (state) on, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def _start_ticks(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie counts as dead (and is reaped if it is our child)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    fields = _proc_stat(pid)
+    return not (fields and fields[0] in ("Z", "X"))
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return None
+    except OSError:
+        return None
+    else:
+        return raw.replace(b"\0", b" ").decode(errors="replace")
+    result = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+    return result.stdout.strip() or None
+
+
+def _is_kafka_under(pid: int, directory: Path) -> bool:
+    """True when ``pid`` is a live ``kafka.Kafka`` JVM whose config lies in ``directory``.
+
+    Reads only the command line (empty for a zombie), never waits on the pid.
+    """
+    cmd = _cmdline(pid) if pid > 0 else None
+    return bool(cmd and "kafka.Kafka" in cmd and f"{directory}{os.sep}" in cmd)
+
+
+def _kafka_pids_under(directory: Path) -> list[int]:
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    pids = (int(p.name) for p in proc.iterdir() if p.name.isdigit())
+    return [pid for pid in pids if _is_kafka_under(pid, directory)]
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+def _kill(pid: int, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, timeout):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(pid, KILL_WAIT_S):
+        raise LocalBrokerError(f"broker pid {pid} survived SIGKILL")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(bootstrap: str, timeout: float = 2.0) -> bool:
+    """True when a TCP connection to ``host:port`` is accepted."""
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when this thread dies (Linux).
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so start from a long-lived
+    thread (pytest runs fixtures on the main thread). ``prctl`` is resolved here, before the
+    fork, so the child only makes the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent, sigkill = os.getpid(), int(signal.SIGKILL)
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sigkill)
+
+    return hook
+
+
+# --- jars and config -----------------------------------------------------------------------
+
+
+def ensure_jars(cache: Path | None = None) -> Path:
+    """The directory of broker jars, fetched with Maven on first use; later calls are offline.
+
+    The fetch writes into a temporary directory renamed into place once complete, so an
+    interrupted fetch never leaves a half cache. A changed POM triggers a new fetch.
+    """
+    cache = (cache_dir() if cache is None else cache).expanduser().absolute()
+    pom = _ops_dir() / "pom.xml"
+    key = hashlib.sha256(pom.read_bytes()).hexdigest()
+    libs = cache / _LIBS
+
+    def complete() -> bool:
+        with contextlib.suppress(OSError):
+            return (libs / _LIBS_STAMP).read_text().strip() == key
+        return False
+
+    if complete():
+        return libs
+    with _locked(cache / _LOCK):
+        if complete():
+            return libs
+        mvn = _require("mvn", _MVN_HINT)
+        for leftover in cache.glob(".libs-*"):  # from fetches that were killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=cache))
+        try:
+            command = [
+                mvn, "-q", "-B", "-f", str(pom), f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+                "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+            ]  # fmt: skip
+            try:
+                result = subprocess.run(
+                    command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise LocalBrokerError(
+                    f"fetching the Kafka {KAFKA_VERSION} jars took over {FETCH_TIMEOUT_S:.0f} s"
+                ) from exc
+            if result.returncode != 0:
+                output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
+                raise LocalBrokerError(
+                    f"fetching the Kafka {KAFKA_VERSION} jars with Maven failed "
+                    f"(exit {result.returncode}):\n{output}"
+                )
+            if not any(tmp.glob("kafka_2.13-*.jar")):
+                raise LocalBrokerError(f"Maven finished but fetched no Kafka jar into {tmp}")
+            (tmp / _LIBS_STAMP).write_text(key)
+            if libs.exists():
+                old = cache / f".libs-old-{uuid.uuid4().hex[:8]}"
+                libs.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(libs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return libs
+
+
+def render_server_properties(*, broker_port: int, controller_port: int, log_dir: Path) -> str:
+    """``ops/kafka/server.properties.template`` filled in for one broker."""
+    template = Template((_ops_dir() / "server.properties.template").read_text())
+    return template.substitute(
+        host=HOST, broker_port=broker_port, controller_port=controller_port, log_dir=log_dir
+    )
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID, base64url without padding, like Kafka's ``Uuid``."""
+    while True:
+        value = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not value.startswith("-"):
+            return value
+
+
+# --- the broker ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BrokerInfo:
+    """A broker this module started, as recorded in ``<home>/broker.json``."""
+
+    pid: int
+    bootstrap: str
+    data_dir: Path
+    log_file: Path
+    started_at: datetime
+    kafka_version: str = KAFKA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "bootstrap": self.bootstrap,
+            "data_dir": str(self.data_dir),
+            "log_file": str(self.log_file),
+            "started_at": self.started_at.isoformat(),
+            "kafka_version": self.kafka_version,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BrokerInfo:
+        """Raises ValueError (or KeyError/TypeError) on a malformed record."""
+        return cls(
+            pid=int(data["pid"]),
+            bootstrap=str(data["bootstrap"]),
+            data_dir=Path(data["data_dir"]),
+            log_file=Path(data["log_file"]),
+            started_at=datetime.fromisoformat(data["started_at"]),
+            kafka_version=str(data.get("kafka_version", KAFKA_VERSION)),
+        )
+
+
+class _PortTaken(LocalBrokerError):
+    """A port picked as free was taken before the broker bound it."""
+
+
+class LocalBroker:
+    """Start, inspect and stop the one local broker recorded in ``home``."""
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        cache: Path | None = None,
+        heap: str = DEFAULT_HEAP,
+        start_timeout: float = DEFAULT_START_TIMEOUT_S,
+        die_with_parent: bool = False,
+    ) -> None:
+        # Absolute: the JVM runs in the data directory and must find its files from there.
+        self.home = (Path(home) if home is not None else default_home()).expanduser().absolute()
+        self.cache = cache
+        self.heap = heap
+        self.start_timeout = start_timeout
+        self.die_with_parent = die_with_parent
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def ephemeral(cls, **kwargs: Any) -> LocalBroker:
+        """A broker for one test session: a fresh registered home; killed when we die."""
+        return cls(ephemeral_home(), die_with_parent=True, **kwargs)
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / STATE_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / LOG_FILE
+
+    # public operations
+
+    def status(self) -> BrokerInfo | None:
+        """The running broker, or None. A record whose process is gone is cleaned up."""
+        info = self._read()
+        if info is None:
+            return None
+        if not self._owns(info):
+            self._forget(info, keep_data=False)
+            return None
+        return info if _answers(info.bootstrap) else None
+
+    def start(self) -> tuple[BrokerInfo, bool]:
+        """Start a broker, or report the running one: ``(info, started_now)``."""
+        java = _require("java", _JAVA_HINT)
+        self.home.mkdir(parents=True, exist_ok=True)
+        with _locked(self.home / _LOCK):
+            existing = self._read()
+            if existing is not None:
+                if self._owns(existing):
+                    if _answers(existing.bootstrap):
+                        return existing, False
+                    _kill(existing.pid)  # wedged, or half-started by a starter that died
+                self._forget(existing, keep_data=False)
+            libs = ensure_jars(self.cache)
+            for _attempt in range(_PORT_ATTEMPTS):
+                try:
+                    return self._launch(java, libs), True
+                except _PortTaken:
+                    continue
+            raise LocalBrokerError(f"no free loopback ports after {_PORT_ATTEMPTS} attempts")
+
+    def stop(
+        self, *, keep_data: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT_S
+    ) -> BrokerInfo | None:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout`` s); None if none ran.
+
+        The data directory is removed unless ``keep_data``.
+        """
+        if not self.home.is_dir():
+            return None
+        with _locked(self.home / _LOCK):
+            info = self._read()
+            if info is None:
+                return None
+            running = self._owns(info)
+            if running:
+                if self._process is not None and self._process.pid == info.pid:
+                    self._stop_child(self._process, timeout)
+                else:
+                    _kill(info.pid, timeout)
+            self._process = None
+            self._forget(info, keep_data=keep_data)
+            return info if running else None
+
+    # internals
+
+    def _read(self) -> BrokerInfo | None:
+        data = _read_json(self.state_file)
+        if data is None:
+            if self.state_file.exists():  # unreadable: nothing can be trusted in it
+                self.state_file.unlink(missing_ok=True)
+            return None
+        try:
+            return BrokerInfo.from_json(data)
+        except (KeyError, TypeError, ValueError):
+            self.state_file.unlink(missing_ok=True)
+            return None
+
+    def _owns(self, info: BrokerInfo) -> bool:
+        return _is_kafka_under(info.pid, info.data_dir)
+
+    def _forget(self, info: BrokerInfo, *, keep_data: bool) -> None:
+        current = self._read_raw_pid()
+        if current in (None, info.pid):
+            self.state_file.unlink(missing_ok=True)
+        # Never delete outside our home, whatever a (possibly edited) broker.json says.
+        inside = info.data_dir.resolve().is_relative_to(self.home.resolve())
+        if not keep_data and inside and info.data_dir.resolve() != self.home.resolve():
+            shutil.rmtree(info.data_dir, ignore_errors=True)
+
+    def _read_raw_pid(self) -> int | None:
+        data = _read_json(self.state_file)
+        pid = data.get("pid") if data else None
+        return pid if isinstance(pid, int) else None
+
+    def _launch(self, java: str, libs: Path) -> BrokerInfo:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        data_dir = self.home / f"data-{stamp}-{uuid.uuid4().hex[:6]}"
+        data_dir.mkdir(parents=True)
+        broker_port = _free_port()
+        controller_port = _free_port()
+        while controller_port == broker_port:
+            controller_port = _free_port()
+        properties = data_dir / "server.properties"
+        log4j = f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
+        classpath = f"{libs}{os.sep}*"
+        try:
+            properties.write_text(
+                render_server_properties(
+                    broker_port=broker_port,
+                    controller_port=controller_port,
+                    log_dir=data_dir / "log",
+                )
+            )
+            self._format(java, classpath, log4j, properties)
+        except BaseException:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            raise
+        command = [
+            java, f"-Xmx{self.heap}", "-Djava.awt.headless=true", log4j,
+            "-cp", classpath, "kafka.Kafka", str(properties),
+        ]  # fmt: skip
+        with self.log_file.open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=data_dir,
+                start_new_session=True,
+                preexec_fn=_die_with_parent() if self.die_with_parent else None,
+            )
+        info = BrokerInfo(
+            pid=process.pid,
+            bootstrap=f"{HOST}:{broker_port}",
+            data_dir=data_dir,
+            log_file=self.log_file,
+            started_at=datetime.now(UTC),
+        )
+        _write_json(self.state_file, info.to_json())  # before waiting: a killed start is found
+        try:
+            self._await_ready(process, info)
+        except BaseException:
+            self._stop_child(process, KILL_WAIT_S)
+            self._forget(info, keep_data=False)
+            raise
+        self._process = process
+        return info
+
+    def _format(self, java: str, classpath: str, log4j: str, properties: Path) -> None:
+        command = [
+            java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", log4j,
+            "-cp", classpath, "kafka.tools.StorageTool", "format",
+            "-t", new_cluster_id(), "-c", str(properties),
+        ]  # fmt: skip
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=FORMAT_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LocalBrokerError(f"formatting broker storage took over {exc.timeout} s") from exc
+        if result.returncode != 0:
+            output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
+            raise LocalBrokerError(f"formatting the broker storage failed:\n{output}")
+
+    def _await_ready(self, process: subprocess.Popen[bytes], info: BrokerInfo) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        marker = STARTED_MARKER.encode()
+        window = b""
+        with self.log_file.open("rb") as log:
+            while True:
+                window = window[-len(marker) :] + log.read()
+                if marker in window:
+                    break
+                if process.poll() is not None:
+                    text = _tail(self.log_file)
+                    if "Address already in use" in text:
+                        raise _PortTaken()
+                    raise LocalBrokerError(
+                        f"the broker exited with code {process.returncode} while starting; "
+                        f"last lines of {self.log_file}:\n{text}"
+                    )
+                if time.monotonic() >= deadline:
+                    raise LocalBrokerError(
+                        f"the broker did not start within {self.start_timeout:.0f} s; "
+                        f"last lines of {self.log_file}:\n{_tail(self.log_file)}"
+                    )
+                time.sleep(_POLL_S)
+        _confirm(info.bootstrap, max(5.0, deadline - time.monotonic()))
+
+    @staticmethod
+    def _stop_child(process: subprocess.Popen[bytes], timeout: float) -> None:
+        if process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(KILL_WAIT_S)
+
+
+def _confirm(bootstrap: str, timeout: float) -> None:
+    """A metadata request through the Admin API: the broker serves clients, not just TCP."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise LocalBrokerError(
+            f"the broker at {bootstrap} started but did not answer a metadata request: {exc}"
+        ) from exc
+
+
+# --- test sessions -------------------------------------------------------------------------
+
+
+def ephemeral_home() -> Path:
+    """A new per-run broker home in the test registry, owned by this process.
+
+    Reaps the homes of owners that died first, so a killed test run leaves nothing behind
+    that the next run could trip over.
+    """
+    reap_stale_test_brokers()
+    registry = _test_registry()
+    registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=registry))
+    _write_json(home / OWNER_FILE, {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid())})
+    return home
+
+
+def _owner_alive(owner: Mapping[str, Any]) -> bool:
+    pid, ticks = owner.get("pid"), owner.get("start_ticks")
+    if not isinstance(pid, int) or not _alive(pid):
+        return False
+    return ticks is None or _start_ticks(pid) in (None, ticks)  # a reused pid is not the owner
+
+
+def reap_stale_test_brokers(registry: Path | None = None) -> list[Path]:
+    """Kill the brokers of test runs whose owner died, delete their homes; return the homes."""
+    registry = _test_registry() if registry is None else registry
+    reaped: list[Path] = []
+    if not registry.is_dir():
+        return reaped
+    for home in sorted(registry.glob("run-*")):
+        owner = _read_json(home / OWNER_FILE)
+        if owner is None:
+            with contextlib.suppress(OSError):  # just created: the owner file follows at once
+                if time.time() - home.stat().st_mtime < _UNOWNED_GRACE_S:
+                    continue
+        elif _owner_alive(owner):
+            continue
+        pids = set(_kafka_pids_under(home))
+        record = _read_json(home / STATE_FILE)
+        if record and isinstance(record.get("pid"), int) and _is_kafka_under(record["pid"], home):
+            pids.add(record["pid"])
+        for pid in sorted(pids):
+            with contextlib.suppress(LocalBrokerError):
+                _kill(pid, timeout=KILL_WAIT_S)
+        shutil.rmtree(home, ignore_errors=True)
+        reaped.append(home)
+    return reaped
+
+
+def running_bootstrap() -> str | None:
+    """The bootstrap address of the broker ``ensync-kafka broker start`` runs, or None."""
+    try:
+        info = LocalBroker().status()
+    except (OSError, LocalBrokerError):
+        return None
+    return info.bootstrap if info else None
