@@ -11,6 +11,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
+from . import control
 from .codec import DEFERRAL
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, ValidationError
@@ -42,7 +43,7 @@ def _payload(payload: Any) -> tuple[bytes, str]:
     if isinstance(payload, str):
         return payload.encode(), TEXT
     try:
-        return json.dumps(payload, separators=(",", ":")).encode(), JSON
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode(), JSON
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"payload: not bytes, str or JSON-serialisable ({exc})") from None
 
@@ -286,7 +287,89 @@ class DeferClient:
             "attempt": req.attempt,
             "history": [_attempt(a) for a in req.history],
         }
+        if req.at is not None and req.defer_id is not None:
+            # An idempotent schedule() must land where its retries land, but its delay shrinks
+            # as the clock moves and could cross a tier boundary, escaping that tier's dedup.
+            # The top tier holds any delay and fires on time just the same.
+            return record, cfg.tiers[-1]
         return record, choose_tier(cfg.tiers, delay_s)
+
+    # -- cancel and reschedule (see control.py) ---------------------------------------------
+
+    def cancel(
+        self,
+        defer_id: str,
+        *,
+        reason: str = "",
+        timeout: float | None = None,
+        wait: bool = True,
+    ) -> control.ControlResult:
+        """Cancel a pending deferral: it will not be delivered.
+
+        Sent to every tier and applied there in the worker's transaction, so exactly once. With
+        ``wait`` (default) returns each tier's answer: ``outcome`` is ``cancelled``,
+        ``already_delivered``, ``already_cancelled``, ``unknown``, or ``pending`` when a tier did
+        not answer within ``timeout`` (default ``monitor.control_timeout``); a pending request
+        stays queued and takes effect when that tier's worker reads it.
+        """
+        return self._control(control.CANCEL, defer_id, None, reason, timeout, wait)
+
+    def reschedule(
+        self,
+        defer_id: str,
+        *,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        reason: str = "",
+        timeout: float | None = None,
+        wait: bool = True,
+    ) -> control.ControlResult:
+        """Move a pending deferral to ``now + delay`` or to ``at`` (exactly one of them).
+
+        It stays in the tier that holds it. Answers like :meth:`cancel`, with ``rescheduled``.
+        """
+        now = now_ms()
+        if (delay is None) == (at is None):
+            raise ValidationError("exactly one of delay and at is required")
+        if at is not None:
+            if not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None:
+                raise ValidationError("at: a timezone-aware datetime is required")
+            due = to_ms(at)
+        else:
+            delay_s = _delay_seconds(delay)
+            if not math.isfinite(delay_s) or delay_s < 0:
+                raise ValidationError(f"delay: must be a finite number >= 0, got {delay_s!r}")
+            due = now + round(delay_s * 1000)
+        if (due - now) / 1000 > self._config.defer.max_delay:
+            raise ValidationError(
+                f"the new due time is past the maximum delay of "
+                f"{self._config.defer.max_delay:.0f}s (defer.max_delay)"
+            )
+        return self._control(control.RESCHEDULE, defer_id, max(due, 0), reason, timeout, wait)
+
+    def _control(
+        self,
+        op: str,
+        defer_id: str,
+        due_ms: int | None,
+        reason: str,
+        timeout: float | None,
+        wait: bool,
+    ) -> control.ControlResult:
+        if not isinstance(defer_id, str) or not defer_id or len(defer_id) > MAX_DEFER_ID_CHARS:
+            raise ValidationError(f"defer_id: 1..{MAX_DEFER_ID_CHARS} characters required")
+        if not isinstance(reason, str):
+            raise ValidationError("reason: must be a string")
+        return control.request(
+            self._config,
+            self._producer,
+            op=op,
+            defer_id=defer_id,
+            due_at_ms=due_ms,
+            reason=reason,
+            timeout=self._config.monitor.control_timeout if timeout is None else timeout,
+            wait=wait,
+        )
 
     def flush(self, timeout: float = DELIVERY_TIMEOUT_S) -> int:
         return int(self._producer.flush(timeout))

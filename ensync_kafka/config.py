@@ -12,7 +12,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -47,6 +47,29 @@ DEFAULT_TRANSACTION_TIMEOUT_S = 10.0
 DEFAULT_STATE_DIR = "./ensync-state"
 DEFAULT_AUDIT_RETENTION_S = 90 * 86400.0
 DEFAULT_DEAD_RETENTION_S = 90 * 86400.0
+
+# Monitoring (HTTP API, metrics, worker registry) and the audit store.
+DEFAULT_MONITOR_HOST = "127.0.0.1"
+DEFAULT_MONITOR_PORT: int | Literal["auto"] = "auto"
+DEFAULT_ANNOUNCE_INTERVAL_S = 30.0
+DEFAULT_QUERY_TIMEOUT_S = 5.0
+DEFAULT_CONTROL_TIMEOUT_S = 15.0
+DEFAULT_AUDIT_DB = "./ensync-audit.sqlite3"
+
+# Consumers of the priority topics (consumer.py): retry policy, ordering, load shedding.
+DEFAULT_RETRY_BASE_DELAY_S = 1.0
+DEFAULT_RETRY_FACTOR = 2.0
+DEFAULT_RETRY_MAX_DELAY_S = 3600.0
+DEFAULT_RETRY_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_JITTER = 0.2
+"""Fraction: a retry waits between (1 - jitter) and 1 times its backoff delay."""
+DEFAULT_WEIGHTED_SHARES: dict[int, float] = {4: 0.15, 3: 0.1, 2: 0.05, 1: 0.05}
+"""Minimum share of handled events per priority while it has a backlog (weighted ordering)."""
+DEFAULT_STRICT_WAIT_S = 1.0
+DEFAULT_CONSUMER_BUFFER = 1000
+DEFAULT_CONSUMER_COMMIT_INTERVAL_S = 0.5
+DEFAULT_SHED_DELAY_S = 60.0
+DEFAULT_SHED_MAX_PRIORITY = 1
 
 PRIORITY_MIN = 1
 PRIORITY_MAX = 5
@@ -91,11 +114,16 @@ PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 def _client_settings(value: Any) -> Any:
     # librdkafka takes every setting as a string; YAML may give ints and bools.
     if isinstance(value, Mapping):
-        return {
-            str(k): (str(v).lower() if isinstance(v, bool) else str(v)) if v is not None else ""
-            for k, v in value.items()
-        }
+        return {str(k): _client_value(v) for k, v in value.items()}
     return value
+
+
+def _client_value(value: Any) -> Any:
+    if isinstance(value, SecretStr):  # already validated (a dump/revalidate round trip)
+        return value
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
 
 
 class _Frozen(BaseModel):
@@ -175,6 +203,106 @@ class WorkerConfig(_Frozen):
     transaction_timeout: PositiveDuration = DEFAULT_TRANSACTION_TIMEOUT_S
 
 
+class MonitorConfig(_Frozen):
+    """The worker's HTTP server: /metrics, /healthz, /readyz, the JSON query API, the dashboard."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] | Literal["auto"] = DEFAULT_MONITOR_PORT
+    """0 disables the server; "auto" takes a free port (announced in ``{prefix}.workers``)."""
+    host: str = DEFAULT_MONITOR_HOST
+    """Address to bind; 0.0.0.0 for every interface (containers)."""
+    advertised_host: str | None = None
+    """Host others reach it at; default: ``host``, or the hostname when ``host`` is a wildcard."""
+    announce_interval: PositiveDuration = DEFAULT_ANNOUNCE_INTERVAL_S
+    """Seconds between re-announcements in ``{prefix}.workers`` (also sent on every rebalance)."""
+    query_timeout: PositiveDuration = DEFAULT_QUERY_TIMEOUT_S
+    """Seconds a cross-worker query waits for each worker."""
+    control_timeout: PositiveDuration = DEFAULT_CONTROL_TIMEOUT_S
+    """Seconds ``cancel``/``reschedule`` wait for every tier's answer."""
+
+
+class AuditStoreConfig(_Frozen):
+    """Where ``{prefix}.audit`` is materialized for queries (rebuildable from the topic)."""
+
+    path: Path = Path(DEFAULT_AUDIT_DB)
+    """SQLite database file, used unless ``dsn`` is set."""
+    dsn: SecretStr | None = None
+    """PostgreSQL connection string (``postgresql://...``); needs the ``postgres`` extra."""
+
+
+class RetryOverride(_Frozen):
+    """Per event name: only the keys given replace the ``consumer.retry`` defaults."""
+
+    base_delay: PositiveDuration | None = None
+    factor: float | None = Field(default=None, ge=1)
+    max_delay: PositiveDuration | None = None
+    max_attempts: int | None = Field(default=None, ge=1)
+    jitter: float | None = Field(default=None, ge=0, le=1)
+
+
+class RetryPolicyConfig(_Frozen):
+    """Exponential backoff for failed handlers: attempt n waits ``base_delay * factor**(n-1)``,
+    at most ``max_delay``, shortened by up to ``jitter`` (a fraction); after ``max_attempts``
+    failed attempts the event goes to ``{prefix}.dead``."""
+
+    base_delay: PositiveDuration = DEFAULT_RETRY_BASE_DELAY_S
+    factor: float = Field(default=DEFAULT_RETRY_FACTOR, ge=1)
+    max_delay: PositiveDuration = DEFAULT_RETRY_MAX_DELAY_S
+    max_attempts: int = Field(default=DEFAULT_RETRY_MAX_ATTEMPTS, ge=1)
+    jitter: float = Field(default=DEFAULT_RETRY_JITTER, ge=0, le=1)
+    by_name: dict[str, RetryOverride] = Field(default_factory=dict)
+    """Overrides per event name, e.g. ``{payment.capture: {max_attempts: 10}}``."""
+
+    def for_event(self, name: str) -> RetryPolicyConfig:
+        """The policy for events called ``name``: this one with its override applied."""
+        override = self.by_name.get(name)
+        if override is None:
+            return self
+        changes = override.model_dump(exclude_none=True)
+        return self.model_copy(update={**changes, "by_name": {}}) if changes else self
+
+
+class SheddingConfig(_Frozen):
+    """While the consumer's lag is above ``lag_threshold``, events at or below ``max_priority``
+    are deferred by ``delay`` instead of handled (audited SHED, reason "load shedding")."""
+
+    lag_threshold: int | None = Field(default=None, ge=0)
+    """Events waiting on the queue's partitions this consumer owns; None turns shedding off."""
+    max_priority: int = Field(default=DEFAULT_SHED_MAX_PRIORITY, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    delay: PositiveDuration = DEFAULT_SHED_DELAY_S
+
+
+class ConsumerConfig(_Frozen):
+    """:class:`~ensync_kafka.PriorityConsumer`: ordering across priorities, retries, shedding."""
+
+    ordering: Literal["strict", "weighted"] = "strict"
+    """strict: a lower priority is served only when every higher one is empty. weighted: higher
+    first, but each priority in ``shares`` gets at least that fraction while it has a backlog."""
+    shares: dict[int, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTED_SHARES))
+    """Priority -> minimum fraction of handled events (weighted ordering); they sum below 1."""
+    strict_wait: Duration = Field(default=DEFAULT_STRICT_WAIT_S, ge=0)
+    """Strict ordering: seconds a lower priority waits for a higher partition to report its end
+    (after an assignment or a fetch error) before it is served anyway."""
+    buffer: int = Field(default=DEFAULT_CONSUMER_BUFFER, ge=1)
+    """Events fetched ahead per priority; past this, that priority's partitions are paused."""
+    commit_interval: PositiveDuration = DEFAULT_CONSUMER_COMMIT_INTERVAL_S
+    """Seconds between offset commits (also on revoke and on stop)."""
+    retry: RetryPolicyConfig = Field(default_factory=RetryPolicyConfig)
+    shedding: SheddingConfig = Field(default_factory=SheddingConfig)
+    alert: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    """``module:callable`` called once per dead letter with a :class:`~ensync_kafka.DeadLetter`."""
+
+    @model_validator(mode="after")
+    def _check_shares(self) -> ConsumerConfig:
+        for priority, share in self.shares.items():
+            if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+                raise ValueError(f"shares: priority {priority} outside 1..5")
+            if share < 0:
+                raise ValueError(f"shares: share of priority {priority} is negative")
+        if sum(self.shares.values()) >= 1:
+            raise ValueError("shares: must sum below 1 (the highest priority gets the rest)")
+        return self
+
+
 class Config(_Frozen):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9._-]+$")
@@ -183,6 +311,9 @@ class Config(_Frozen):
     topics: TopicsConfig = Field(default_factory=TopicsConfig)
     defer: DeferConfig = Field(default_factory=DeferConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    consumer: ConsumerConfig = Field(default_factory=ConsumerConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    audit_store: AuditStoreConfig = Field(default_factory=AuditStoreConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

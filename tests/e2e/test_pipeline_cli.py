@@ -1,0 +1,217 @@
+"""The ``ensync-kafka`` command as a real process: topics create, defer, schedule, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from ensync_kafka.config import config_from_mapping
+from ensync_kafka.topics import TopicNames, topic_specs
+from tests.helpers import TopicReader, cli_command, cli_env, pipeline_mapping, write_config
+
+CLI_TIMEOUT_S = 60.0
+
+
+def run(
+    bootstrap: str, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_command(*args),
+        env={**cli_env(bootstrap), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def receipt_of(stdout: str) -> dict[str, object]:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "no receipt printed"
+    receipt: dict[str, object] = json.loads(lines[-1])
+    return receipt
+
+
+def test_topics_defer_schedule_and_errors(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    mapping = pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state")
+    config_path = write_config(tmp_path / "ensync.yaml", mapping)
+    config = config_from_mapping(mapping, environ={})
+    expected = sorted(spec.name for spec in topic_specs(config))
+    names = TopicNames(unique_prefix)
+
+    # topics create: creates everything, then verifies everything.
+    first = ok(run(kafka_bootstrap, "topics", "create", "--config", str(config_path)))
+    created = sorted(line.split()[1] for line in first.splitlines() if line.startswith("created"))
+    assert created == expected
+    second = ok(run(kafka_bootstrap, "topics", "create", "--config", str(config_path)))
+    assert "created" not in second
+    verified = sorted(line.split()[1] for line in second.splitlines() if line.startswith("verif"))
+    assert verified == expected
+
+    # A config that disagrees with the existing topics is reported, with a failing exit.
+    wider = json.loads(json.dumps(mapping))
+    wider["topics"]["defer"]["partitions"] = 4
+    wider_path = write_config(tmp_path / "wider.yaml", wider)
+    mismatch = run(kafka_bootstrap, "topics", "create", "--config", str(wider_path))
+    assert mismatch.returncode != 0
+    assert "MISMATCH" in mismatch.stderr
+    assert f"{names.defer('1s')}: has 3 partitions, the configuration expects 4" in (
+        mismatch.stderr
+    )
+
+    # defer prints the receipt as JSON.
+    before = datetime.now(tz=UTC)
+    out = ok(
+        run(
+            kafka_bootstrap,
+            "defer",
+            "--config",
+            str(config_path),
+            "--name",
+            "cli.event",
+            "--payload",
+            '{"order": 42}',
+            "--delay",
+            "2s",
+            "--priority",
+            "3",
+            "--reason",
+            "from the CLI",
+            "--key",
+            "order-42",
+        )
+    )
+    deferred = receipt_of(out)
+    assert deferred["tier"] == "10s"
+    assert deferred["priority"] == 3
+    assert deferred["queue"] == "default"
+    assert isinstance(deferred["defer_id"], str) and deferred["defer_id"]
+    due = datetime.fromisoformat(str(deferred["due_at"]))
+    assert before + timedelta(seconds=2) <= due + timedelta(milliseconds=1)
+    assert due <= datetime.now(tz=UTC) + timedelta(seconds=2)
+
+    # schedule prints the receipt as JSON too.
+    at = (datetime.now(tz=UTC) + timedelta(seconds=30)).replace(microsecond=250_000)
+    out = ok(
+        run(
+            kafka_bootstrap,
+            "schedule",
+            "--config",
+            str(config_path),
+            "--name",
+            "cli.scheduled",
+            "--at",
+            at.isoformat(),
+            "--priority",
+            "5",
+            "--defer-id",
+            "cli-scheduled-1",
+        )
+    )
+    scheduled = receipt_of(out)
+    assert scheduled["defer_id"] == "cli-scheduled-1"
+    assert scheduled["priority"] == 5
+    assert scheduled["tier"] == "10s"  # past the top span: the top tier
+    assert datetime.fromisoformat(str(scheduled["due_at"])) == at
+
+    # Both reached their tier topic, keyed by defer_id.
+    with TopicReader(kafka_bootstrap, [names.defer("10s")]) as reader:
+        reader.poll_until(
+            lambda records: (
+                {r.key for r in records} >= {str(deferred["defer_id"]).encode(), b"cli-scheduled-1"}
+            ),
+            timeout=30,
+            what="the CLI deferrals on the tier topic",
+        )
+
+    # A bad priority fails with the validation message and a non-zero exit.
+    for priority in ("9", "0"):
+        bad = run(
+            kafka_bootstrap,
+            "defer",
+            "--config",
+            str(config_path),
+            "--name",
+            "x",
+            "--delay",
+            "1s",
+            "--priority",
+            priority,
+        )
+        assert bad.returncode != 0
+        assert "priority: must be an integer 1..5" in bad.stderr, bad.stderr
+        assert not bad.stdout.strip()
+
+    naive = run(
+        kafka_bootstrap,
+        "schedule",
+        "--config",
+        str(config_path),
+        "--name",
+        "x",
+        "--at",
+        (datetime.now() + timedelta(minutes=1)).isoformat(),
+    )
+    assert naive.returncode != 0
+    assert "naive" in naive.stderr
+
+    bad_delay = run(
+        kafka_bootstrap, "defer", "--config", str(config_path), "--name", "x", "--delay", "soon"
+    )
+    assert bad_delay.returncode != 0
+    assert "--delay" in bad_delay.stderr
+
+    bad_payload = run(
+        kafka_bootstrap,
+        "defer",
+        "--config",
+        str(config_path),
+        "--name",
+        "x",
+        "--delay",
+        "1s",
+        "--payload",
+        "{not json",
+    )
+    assert bad_payload.returncode != 0
+    assert "--payload" in bad_payload.stderr
+
+
+def test_config_errors_and_unknown_tier_fail_clearly(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    mapping = pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state")
+    mapping["worker"]["fire_batch_szie"] = 10
+    typo = write_config(tmp_path / "typo.yaml", mapping)
+    result = run(kafka_bootstrap, "topics", "create", "--config", str(typo))
+    assert result.returncode != 0
+    assert "worker.fire_batch_szie: unknown key" in result.stderr
+
+    good = write_config(
+        tmp_path / "good.yaml", pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "s")
+    )
+    result = run(kafka_bootstrap, "worker", "--config", str(good), "--tiers", "1s,5m")
+    assert result.returncode != 0
+    assert "unknown tier '5m'" in result.stderr
+
+    result = run(
+        kafka_bootstrap,
+        "defer",
+        "--config",
+        str(tmp_path / "absent.yaml"),
+        "--name",
+        "x",
+        "--delay",
+        "1s",
+    )
+    assert result.returncode != 0
+    assert "no such config file" in result.stderr

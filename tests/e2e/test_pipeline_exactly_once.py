@@ -1,0 +1,253 @@
+"""Exactly-once ledgers with real worker processes: a SIGKILL mid-stream, and rebalances.
+
+A stream of deferrals with random delays (0.5-4 s) and priorities over two tiers is sent while
+the workers are disturbed; then every defer_id must be delivered exactly once, never early, to a
+read_committed consumer of all the priority topics.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from ensync_kafka import DeferClient, DeferRequest, ensure_topics
+from ensync_kafka.config import config_from_mapping
+from ensync_kafka.models import to_ms
+from ensync_kafka.topics import TopicNames
+from tests.helpers import (
+    TopicReader,
+    WorkerProcess,
+    collect_ledger,
+    pipeline_mapping,
+    wait_until,
+    write_config,
+)
+
+TIERS = ("1s", "10s")
+DEFERRALS = 3000
+CHUNKS = 12
+CHUNK_INTERVAL_S = 0.5
+LEDGER_TIMEOUT_S = 90.0
+SIGTERM_EXIT_S = 10.0
+# A killed worker's group membership lingers until its session times out; keep that short so
+# the restarted worker gets its partitions back in seconds (the broker's minimum is 6 s).
+FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+
+
+@contextmanager
+def processes() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.close()
+
+
+def stream(
+    client: DeferClient,
+    reader: TopicReader,
+    on_chunk: Callable[[int], None],
+    *,
+    seed: int,
+) -> dict[str, int]:
+    """Send DEFERRALS deferrals in CHUNKS chunks, CHUNK_INTERVAL_S apart; defer_id -> due ms.
+
+    ``on_chunk(i)`` runs after chunk i is acknowledged: that is where a test disturbs workers.
+    """
+    rng = random.Random(seed)
+    expected: dict[str, int] = {}
+    per_chunk = DEFERRALS // CHUNKS
+    for chunk in range(CHUNKS):
+        started = time.monotonic()
+        requests = [
+            DeferRequest(
+                name="ledger",
+                payload={"chunk": chunk, "i": i},
+                delay=round(rng.uniform(0.5, 4.0), 3),
+                priority=rng.randint(1, 5),
+                defer_id=f"c{chunk:02d}-{i:04d}",
+            )
+            for i in range(per_chunk)
+        ]
+        receipts = client.defer_many(requests)
+        expected.update({r.defer_id: to_ms(r.due_at) for r in receipts})
+        on_chunk(chunk)
+        while time.monotonic() - started < CHUNK_INTERVAL_S:
+            reader.poll_once(0.05)
+    assert len(expected) == DEFERRALS
+    return expected
+
+
+def delivered_count(reader: TopicReader) -> int:
+    return len(reader.records)
+
+
+@pytest.mark.timeout(300)
+def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    mapping = pipeline_mapping(
+        unique_prefix, kafka_bootstrap, state_dir, worker_id="crashy", client=FAST_GROUP_CLIENT
+    )
+    config_path = write_config(tmp_path / "ensync.yaml", mapping)
+    config = config_from_mapping(
+        pipeline_mapping(unique_prefix, kafka_bootstrap, state_dir), environ={}
+    )
+    ensure_topics(config)
+    names = TopicNames(unique_prefix)
+
+    def start() -> WorkerProcess:
+        proc = WorkerProcess(
+            kafka_bootstrap,
+            config_path,
+            worker_id="crashy",
+            state_dir=state_dir,
+            log_dir=tmp_path,
+        )
+        procs.append(proc)
+        return proc
+
+    with (
+        processes() as procs,
+        TopicReader(kafka_bootstrap, names.queue("default")) as reader,
+        DeferClient(config) as client,
+    ):
+        first = start()
+        first.wait_assigned(TIERS)
+        kill_at = CHUNKS // 2
+
+        def disturb(chunk: int) -> None:
+            if chunk != kill_at:
+                return
+            # Mid-stream: some delivered already, many held, more still to come.
+            reader.poll_until(
+                lambda records: len(records) > 0, timeout=30, what="the first deliveries"
+            )
+            first.signal(signal.SIGKILL)
+            assert first.wait_exit(10) == -signal.SIGKILL
+            start()
+
+        expected = stream(client, reader, disturb, seed=1)
+        assert 0 < delivered_count(reader) < DEFERRALS
+        ledger = collect_ledger(
+            kafka_bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader
+        )
+        restarted = procs[-1]
+        assert restarted.proc.poll() is None, restarted.log()[-3000:]
+        assert restarted.assigned_tiers() == set(TIERS), restarted.log()[-3000:]
+
+    ledger.assert_exactly_once()
+    assert {d.event.tier for ds in ledger.deliveries.values() for d in ds} == set(TIERS)
+
+
+@pytest.mark.timeout(300)
+def test_workers_rebalancing_mid_stream_deliver_exactly_once(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    mapping = pipeline_mapping(
+        unique_prefix, kafka_bootstrap, tmp_path / "state", client=FAST_GROUP_CLIENT
+    )
+    config_path = write_config(tmp_path / "ensync.yaml", mapping)
+    config = config_from_mapping(
+        pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state"), environ={}
+    )
+    ensure_topics(config)
+    names = TopicNames(unique_prefix)
+
+    def start(worker_id: str) -> WorkerProcess:
+        proc = WorkerProcess(
+            kafka_bootstrap,
+            config_path,
+            worker_id=worker_id,
+            state_dir=tmp_path / f"state-{worker_id}",
+            log_dir=tmp_path,
+        )
+        procs.append(proc)
+        return proc
+
+    exit_seconds: list[float] = []
+    with (
+        processes() as procs,
+        TopicReader(kafka_bootstrap, names.queue("default")) as reader,
+        DeferClient(config) as client,
+    ):
+        a, b = start("a"), start("b")
+        a.wait_assigned(TIERS)
+        b.wait_assigned(TIERS)
+
+        def disturb(chunk: int) -> None:
+            if chunk == CHUNKS // 3:
+                start("c")  # joins: partitions move from a and b to c
+            elif chunk == 2 * CHUNKS // 3:
+                a.signal(signal.SIGTERM)  # leaves: its partitions move to b and c
+                began = time.monotonic()
+                code = a.wait_exit(SIGTERM_EXIT_S)
+                exit_seconds.append(time.monotonic() - began)
+                assert code == 0, a.log()[-3000:]
+
+        expected = stream(client, reader, disturb, seed=2)
+        c = procs[-1]
+        wait_until(
+            lambda: c.assigned_tiers() == set(TIERS),
+            timeout=30,
+            what="worker c to take partitions of both tiers",
+            describe=lambda: c.log()[-3000:],
+        )
+        ledger = collect_ledger(
+            kafka_bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader
+        )
+        for proc in (b, c):
+            assert proc.proc.poll() is None, proc.log()[-3000:]
+        # A rebalance really happened: b lost partitions (c joined, a left).
+        assert "revoked" in b.log() or "revoked" in a.log()
+
+    ledger.assert_exactly_once()
+    assert exit_seconds and exit_seconds[0] < SIGTERM_EXIT_S
+    # Each worker delivered a share of the stream.
+    workers = {d.event.tier for ds in ledger.deliveries.values() for d in ds}
+    assert workers == set(TIERS)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_a_busy_worker_within_seconds(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    secret = "pw-never-logged-4711"
+    mapping = pipeline_mapping(
+        unique_prefix, kafka_bootstrap, tmp_path / "state", client={"sasl.password": secret}
+    )
+    config_path = write_config(tmp_path / "ensync.yaml", mapping)
+    config = config_from_mapping(
+        pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state"), environ={}
+    )
+    ensure_topics(config)
+    with processes() as procs, DeferClient(config) as client:
+        proc = WorkerProcess(
+            kafka_bootstrap,
+            config_path,
+            worker_id="term",
+            state_dir=tmp_path / "s",
+            log_dir=tmp_path,
+        )
+        procs.append(proc)
+        proc.wait_assigned(TIERS)
+        # Busy: held deferrals in both tiers while it is told to stop.
+        client.defer_many(
+            [DeferRequest(name="held", payload=i, delay=0.5 + i / 100) for i in range(300)]
+        )
+        proc.signal(signal.SIGTERM)
+        began = time.monotonic()
+        code = proc.wait_exit(SIGTERM_EXIT_S)
+        elapsed = time.monotonic() - began
+    assert code == 0, proc.log()[-3000:]
+    assert elapsed < 5.0, f"SIGTERM took {elapsed:.1f}s to stop the worker"
+    assert "worker stopped" in proc.log()
+    assert secret not in proc.log(), "a kafka.client secret reached the worker's log"

@@ -1,0 +1,479 @@
+"""Shared helpers for the pipeline tests: configs, bounded waits, a worker in a thread, readers.
+
+Everything here talks to a real Kafka broker; nothing is mocked. Every wait is a bounded polling
+loop that fails with a message saying what it was waiting for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from ensync_kafka.codec import AUDIT, DELIVERED, INVALID
+from ensync_kafka.config import Config, config_from_mapping
+from ensync_kafka.models import DeliveredEvent, now_ms
+from ensync_kafka.topics import TopicNames
+from ensync_kafka.worker import Worker
+
+POLL_S = 0.2
+WORKER_READY_TIMEOUT_S = 60.0
+WORKER_STOP_TIMEOUT_S = 30.0
+DEFAULT_TIERS = ({"name": "1s", "span": 1}, {"name": "10s", "span": 10})
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def pipeline_mapping(
+    prefix: str,
+    bootstrap: str,
+    state_dir: Path,
+    *,
+    worker_id: str = "w1",
+    tiers: Iterable[Mapping[str, Any]] = DEFAULT_TIERS,
+    partitions: int = 3,
+    queues: Iterable[str] | None = None,
+    worker: Mapping[str, Any] | None = None,
+    client: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config mapping every pipeline test starts from: own topics, few partitions."""
+    data: dict[str, Any] = {
+        "prefix": prefix,
+        "kafka": {"bootstrap_servers": bootstrap},
+        "worker": {"state_dir": str(state_dir), "id": worker_id, **(worker or {})},
+        "tiers": [dict(t) for t in tiers],
+        "topics": {
+            "defer": {"partitions": partitions},
+            "priority": {"partitions": partitions},
+            "audit": {"partitions": 1},
+            "invalid": {"partitions": 1},
+            "dead": {"partitions": 1},
+        },
+    }
+    if "monitor" in Config.model_fields:
+        # The worker's HTTP server is not what these tests are about, and several workers of
+        # one test would fight over its default port.
+        data["monitor"] = {"port": 0}
+    if queues is not None:
+        data["queues"] = list(queues)
+    if client:
+        data["kafka"]["client"] = dict(client)
+    return data
+
+
+def pipeline_config(prefix: str, bootstrap: str, state_dir: Path, **kwargs: Any) -> Config:
+    return config_from_mapping(pipeline_mapping(prefix, bootstrap, state_dir, **kwargs), environ={})
+
+
+# -- waiting --------------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    describe: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds saying ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            detail = f": {describe()}" if describe else ""
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+# -- an in-process worker -------------------------------------------------------------------------
+
+
+class WorkerThread:
+    """``Worker(config, tiers).run(install_signal_handlers=False)`` in a thread.
+
+    ``start()`` returns once every tier worker has restored and holds its partitions;
+    ``stop()`` stops it, joins the thread and re-raises anything the worker raised.
+    """
+
+    def __init__(self, config: Config, tiers: Iterable[str] | None = None, **kwargs: Any):
+        self.worker = Worker(config, list(tiers) if tiers is not None else None, **kwargs)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-worker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.worker.run(install_signal_handlers=False)
+        except BaseException as exc:
+            self.error = exc
+
+    def ready(self) -> bool:
+        if self.error is not None or not self._thread.is_alive():
+            raise AssertionError(f"the worker stopped before it was ready: {self.error!r}")
+        return all(tier.stores for tier in self.worker.tiers)
+
+    def start(self, timeout: float = WORKER_READY_TIMEOUT_S) -> WorkerThread:
+        self._thread.start()
+        wait_until(
+            self.ready,
+            timeout=timeout,
+            what="every tier worker to be assigned and restored",
+            describe=lambda: ", ".join(
+                f"{t.tier.name}: {sorted(t.stores)}" for t in self.worker.tiers
+            ),
+        )
+        return self
+
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+        self.worker.stop()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            pytest.fail(f"the worker did not stop within {timeout:.0f}s of stop()")
+        if self.error is not None:
+            raise self.error
+
+    def stats(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for tier in self.worker.tiers:
+            for name in ("accepted", "delivered", "duplicates", "invalid", "aborts"):
+                totals[name] += getattr(tier.stats, name)
+        return dict(totals)
+
+    def __enter__(self) -> WorkerThread:
+        return self.start()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.stop()
+        else:  # the test already failed: stop, but do not mask its error
+            self.worker.stop()
+            self._thread.join(WORKER_STOP_TIMEOUT_S)
+
+
+# -- reading topics -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+    timestamp_ms: int
+    received_ms: int
+
+
+class TopicReader:
+    """A ``read_committed`` consumer assigned to every partition of ``topics`` from the start.
+
+    No consumer group membership (assign, not subscribe), so reading starts at once.
+    """
+
+    def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
+        self.topics = list(topics)
+        self.records: list[Received] = []
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        metadata = self.consumer.list_topics(timeout=30).topics
+        assignment = []
+        for topic in self.topics:
+            if topic not in metadata or metadata[topic].error is not None:
+                raise AssertionError(f"topic {topic} does not exist")
+            assignment.extend(
+                TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata[topic].partitions
+            )
+        self.consumer.assign(assignment)
+
+    def poll_once(self, timeout: float = POLL_S) -> None:
+        for msg in self.consumer.consume(1000, timeout):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise KafkaException(err)
+            self.records.append(
+                Received(
+                    topic=msg.topic(),
+                    partition=msg.partition(),
+                    offset=msg.offset(),
+                    key=msg.key(),
+                    value=msg.value(),
+                    headers=tuple(msg.headers() or ()),
+                    timestamp_ms=msg.timestamp()[1],
+                    received_ms=now_ms(),
+                )
+            )
+
+    def poll_until(
+        self,
+        done: Callable[[list[Received]], bool],
+        *,
+        timeout: float,
+        what: str,
+        describe: Callable[[list[Received]], str] | None = None,
+    ) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while not done(self.records):
+            if time.monotonic() >= deadline:
+                detail = describe(self.records) if describe else f"{len(self.records)} records"
+                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; got {detail}")
+            self.poll_once()
+        return self.records
+
+    def drain(self, seconds: float) -> list[Received]:
+        """Keep reading for ``seconds`` more, to catch records that should not come."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.poll_once(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    event: DeliveredEvent
+    record: Received
+
+
+def delivered(records: Iterable[Received]) -> list[Delivery]:
+    return [Delivery(DeliveredEvent.from_record(DELIVERED.decode(r.value)), r) for r in records]
+
+
+def audit_records(records: Iterable[Received]) -> list[dict[str, Any]]:
+    return [AUDIT.decode(r.value) for r in records]
+
+
+def invalid_records(records: Iterable[Received]) -> list[dict[str, Any]]:
+    return [INVALID.decode(r.value) for r in records]
+
+
+def queue_reader(bootstrap: str, prefix: str, queue: str = "default") -> TopicReader:
+    return TopicReader(bootstrap, TopicNames(prefix).queue(queue))
+
+
+# -- the exactly-once ledger ----------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """Every delivery seen, by defer_id, against the ids that were deferred."""
+
+    expected: dict[str, int]
+    """defer_id -> due_at (ms)."""
+    deliveries: dict[str, list[Delivery]] = field(default_factory=dict)
+
+    def add(self, delivery: Delivery) -> None:
+        self.deliveries.setdefault(delivery.event.defer_id, []).append(delivery)
+
+    @property
+    def missing(self) -> list[str]:
+        return sorted(i for i in self.expected if i not in self.deliveries)
+
+    @property
+    def duplicated(self) -> dict[str, int]:
+        return {i: len(d) for i, d in self.deliveries.items() if len(d) > 1}
+
+    @property
+    def unexpected(self) -> list[str]:
+        return sorted(i for i in self.deliveries if i not in self.expected)
+
+    @property
+    def early(self) -> list[str]:
+        """Delivered (stamped, or seen by the reader) before they were due."""
+        out = []
+        for defer_id, deliveries in self.deliveries.items():
+            for d in deliveries:
+                due = self.expected.get(defer_id, int(d.event.due_at.timestamp() * 1000))
+                delivered_ms = int(d.event.delivered_at.timestamp() * 1000)
+                if delivered_ms < due or d.record.received_ms < due:
+                    out.append(defer_id)
+        return sorted(out)
+
+    def lateness_ms(self) -> list[int]:
+        return sorted(
+            int(d.event.delivered_at.timestamp() * 1000) - self.expected[i]
+            for i, ds in self.deliveries.items()
+            if i in self.expected
+            for d in ds
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.expected)} deferred, {len(self.deliveries)} distinct delivered, "
+            f"{len(self.missing)} missing (e.g. {self.missing[:5]}), "
+            f"{len(self.duplicated)} duplicated (e.g. {list(self.duplicated.items())[:5]}), "
+            f"{len(self.unexpected)} unexpected, {len(self.early)} early "
+            f"(e.g. {self.early[:5]})"
+        )
+
+    def assert_exactly_once(self) -> None:
+        problems = self.missing or self.duplicated or self.unexpected or self.early
+        assert not problems, f"exactly-once ledger violated: {self.summary()}"
+
+
+def collect_ledger(
+    bootstrap: str,
+    topics: Iterable[str],
+    expected: Mapping[str, int],
+    *,
+    timeout: float,
+    drain_s: float = 3.0,
+    reader: TopicReader | None = None,
+) -> Ledger:
+    """Read ``topics`` (read_committed) until every expected id was delivered or ``timeout``
+    passed, then ``drain_s`` seconds more to catch duplicates."""
+    ledger = Ledger(expected=dict(expected))
+    own = reader is None
+    reader = reader or TopicReader(bootstrap, topics)
+    seen = 0
+    try:
+        deadline = time.monotonic() + timeout
+        while ledger.missing and time.monotonic() < deadline:
+            reader.poll_once()
+            for record in reader.records[seen:]:
+                ledger.add(delivered([record])[0])
+            seen = len(reader.records)
+        reader.drain(drain_s)
+        for record in reader.records[seen:]:
+            ledger.add(delivered([record])[0])
+    finally:
+        if own:
+            reader.close()
+    return ledger
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def cli_env(bootstrap: str) -> dict[str, str]:
+    """The environment for an ``ensync-kafka`` process: no stray ENSYNC_* from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENSYNC_")}
+    env["ENSYNC_KAFKA_BOOTSTRAP"] = bootstrap
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ensync_kafka", *args]
+
+
+def write_config(path: Path, mapping: Mapping[str, Any], *, with_bootstrap: bool = False) -> Path:
+    """Write a config YAML for a CLI process; the bootstrap comes from the environment unless
+    ``with_bootstrap``."""
+    import yaml
+
+    data = json.loads(json.dumps(mapping))  # plain types only
+    if not with_bootstrap:
+        data.get("kafka", {}).pop("bootstrap_servers", None)
+        if not data.get("kafka"):
+            data.pop("kafka", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class WorkerProcess:
+    """``ensync-kafka worker`` as a real process, its stderr in a log file."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        config_path: Path,
+        *,
+        worker_id: str,
+        state_dir: Path,
+        log_dir: Path,
+        tiers: Iterable[str] | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.log_path = log_dir / f"worker-{worker_id}-{uuid.uuid4().hex[:6]}.log"
+        args = ["worker", "--config", str(config_path), "--worker-id", worker_id]
+        args += ["--state-dir", str(state_dir)]
+        if tiers is not None:
+            args += ["--tiers", ",".join(tiers)]
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            cli_command(*args),
+            env=cli_env(bootstrap),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def assigned_tiers(self) -> set[str]:
+        return set(re.findall(r"tier (\S+): assigned \[", self.log()))
+
+    def wait_assigned(self, tiers: Iterable[str], timeout: float = WORKER_READY_TIMEOUT_S) -> None:
+        wanted = set(tiers)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"worker {self.worker_id} exited with {self.proc.returncode}:\n"
+                    + self.log()[-3000:]
+                )
+            return wanted <= self.assigned_tiers()
+
+        wait_until(
+            ready,
+            timeout=timeout,
+            interval=0.1,
+            what=f"worker {self.worker_id} to be assigned partitions of {sorted(wanted)}",
+            describe=lambda: self.log()[-3000:],
+        )
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"worker {self.worker_id} still running {timeout:.0f}s after the signal:\n"
+                + self.log()[-3000:]
+            )
+
+    def close(self) -> None:
+        """Kill it if it still runs (this test started it) and close the log."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()

@@ -1,0 +1,225 @@
+"""Once-only delivery: duplicate defer_ids, and restoring a worker's state from the changelog."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ensync_kafka import DeferClient, DeferRequest, ensure_topics
+from ensync_kafka.models import to_ms
+from ensync_kafka.topics import TopicNames
+from tests.helpers import (
+    TopicReader,
+    WorkerThread,
+    audit_records,
+    collect_ledger,
+    delivered,
+    pipeline_config,
+    queue_reader,
+    wait_until,
+)
+
+WAIT_S = 30.0
+
+
+def _audits(reader: TopicReader, event: str, defer_id: str) -> int:
+    return sum(
+        1
+        for a in audit_records(reader.records)
+        if a["event"] == event and a["defer_id"] == defer_id
+    )
+
+
+def test_duplicate_defer_id_delivered_once(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state")
+    ensure_topics(config)
+    names = TopicNames(unique_prefix)
+    with (
+        WorkerThread(config) as worker,
+        queue_reader(kafka_bootstrap, unique_prefix) as reader,
+        TopicReader(kafka_bootstrap, [names.audit]) as audit_reader,
+        DeferClient(config) as client,
+    ):
+        # The same request sent twice (a client retry): the second is held-duplicate.
+        first = client.defer("dup", {"n": 1}, delay=1.5, defer_id="dup-held", reason="r")
+        again = client.defer("dup", {"n": 1}, delay=1.5, defer_id="dup-held", reason="r")
+        assert first.tier == again.tier  # same requested delay: same tier and partition
+        # Twice in one batch: both may reach the worker in the same transaction.
+        same = DeferRequest(name="dup", payload={"n": 2}, delay=0.5, defer_id="dup-batch")
+        client.defer_many([same, same])
+        reader.poll_until(
+            lambda records: (
+                {d.event.defer_id for d in delivered(records)} >= {"dup-held", "dup-batch"}
+            ),
+            timeout=WAIT_S,
+            what="both deferrals",
+        )
+        # Sent once more after delivery (a late retry): dropped by the delivered marker.
+        late = client.defer("dup", {"n": 1}, delay=1.5, defer_id="dup-held", reason="r")
+        assert late.tier == first.tier
+        audit_reader.poll_until(
+            lambda _: (
+                _audits(audit_reader, "DUPLICATE", "dup-held") >= 2
+                and _audits(audit_reader, "DUPLICATE", "dup-batch") >= 1
+            ),
+            timeout=WAIT_S,
+            what="DUPLICATE audit records",
+            describe=lambda records: str(
+                [(a["event"], a["defer_id"]) for a in audit_records(records)]
+            ),
+        )
+        reader.drain(2.0)
+        audit_reader.drain(0.5)
+        stats = worker.stats()
+
+    ids = [d.event.defer_id for d in delivered(reader.records)]
+    assert sorted(ids) == ["dup-batch", "dup-held"], f"delivered: {ids}"
+    by_id = {d.event.defer_id: d for d in delivered(reader.records)}
+    # The first send wins: the delivered event has the first request's due time.
+    assert by_id["dup-held"].event.due_at == first.due_at
+    assert by_id["dup-held"].record.received_ms >= to_ms(first.due_at)
+    assert _audits(audit_reader, "DUPLICATE", "dup-held") == 2
+    assert _audits(audit_reader, "DUPLICATE", "dup-batch") == 1
+    assert _audits(audit_reader, "DEFERRED", "dup-held") == 1
+    assert _audits(audit_reader, "DELIVERED", "dup-held") == 1
+    duplicate = next(
+        a
+        for a in audit_records(audit_reader.records)
+        if a["event"] == "DUPLICATE" and a["defer_id"] == "dup-held"
+    )
+    assert "duplicate" in duplicate["reason"]
+    assert stats["duplicates"] == 3
+    assert stats["delivered"] == 2
+
+
+@pytest.mark.timeout(180)
+def test_restore_from_changelog_on_a_fresh_state_directory(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    config = pipeline_config(unique_prefix, kafka_bootstrap, state_dir, worker_id="first")
+    ensure_topics(config)
+    names = TopicNames(unique_prefix)
+    early_ids = [f"early-{i}" for i in range(4)]
+    pending_ids = [f"pending-{i}" for i in range(6)]
+    pending_delay_s = 6.0
+    expected: dict[str, int] = {}
+
+    reader = queue_reader(kafka_bootstrap, unique_prefix)
+    audit_reader = TopicReader(kafka_bootstrap, [names.audit])
+    try:
+        with DeferClient(config) as client:
+            with WorkerThread(config) as first:
+                receipts = client.defer_many(
+                    [
+                        DeferRequest(name="early", payload=i, delay=0.3, defer_id=i)
+                        for i in early_ids
+                    ]
+                    + [
+                        DeferRequest(name="pending", payload=i, delay=pending_delay_s, defer_id=i)
+                        for i in pending_ids
+                    ]
+                )
+                expected.update({r.defer_id: to_ms(r.due_at) for r in receipts})
+                assert {r.tier for r in receipts} == {"1s", "10s"}
+                reader.poll_until(
+                    lambda records: len(records) >= len(early_ids),
+                    timeout=WAIT_S,
+                    what="the early deferrals",
+                )
+                wait_until(
+                    lambda: first.stats()["accepted"] >= len(expected),
+                    timeout=WAIT_S,
+                    what="the first worker to hold every pending deferral",
+                    describe=lambda: str(first.stats()),
+                )
+            # The first worker is stopped: its state directory goes, only the changelog is left.
+            seen = {d.event.defer_id for d in delivered(reader.records)}
+            too_late = seen & set(pending_ids)
+            assert not too_late, f"the machine is too slow for this test: {too_late} already due"
+            assert (state_dir / unique_prefix / "first").is_dir()
+            shutil.rmtree(state_dir)
+
+            second_config = pipeline_config(
+                unique_prefix, kafka_bootstrap, state_dir, worker_id="second"
+            )
+            with WorkerThread(second_config) as second:
+                # Restored from the changelog: the pending timers are held again, and the
+                # delivered ones are known as delivered.
+                stores = [s for tier in second.worker.tiers for s in tier.stores.values()]
+
+                def known(defer_id: str) -> bool:
+                    return any(
+                        s.held_key(defer_id) is not None or s.marker(defer_id) is not None
+                        for s in stores
+                    )
+
+                unknown = [i for i in pending_ids if not known(i)]
+                assert not unknown, f"pending deferrals missing from the restored state: {unknown}"
+                undelivered = [i for i in early_ids if not any(s.marker(i) for s in stores)]
+                assert not undelivered, f"delivered markers not restored: {undelivered}"
+                # Resending a delivered one is recognised from the restored markers.
+                client.defer("early", "again", delay=0.2, defer_id=early_ids[0])
+                ledger = collect_ledger(
+                    kafka_bootstrap, [], expected, timeout=WAIT_S, drain_s=2.0, reader=reader
+                )
+                audit_reader.poll_until(
+                    lambda _: _audits(audit_reader, "DUPLICATE", early_ids[0]) >= 1,
+                    timeout=WAIT_S,
+                    what="the DUPLICATE audit of the resent delivered deferral",
+                )
+                stats = second.stats()
+    finally:
+        reader.close()
+        audit_reader.close()
+
+    ledger.assert_exactly_once()
+    assert stats["delivered"] == len(pending_ids)  # only the pending ones, by the new worker
+    for defer_id in pending_ids:
+        [delivery] = ledger.deliveries[defer_id]
+        assert delivery.record.received_ms >= expected[defer_id]
+
+
+def test_schedule_retry_with_the_same_at_is_delivered_once(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """A retried ``schedule(at=...)`` is the same request, but its delay (at - now) shrinks while
+    the caller retries. The retry must still be recognised as a duplicate of the first send,
+    even when the shorter delay falls into a lower tier."""
+    tiers = [{"name": "1s", "span": 1}, {"name": "3s", "span": 3}]
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", tiers=tiers)
+    ensure_topics(config)
+    with (
+        WorkerThread(config),
+        queue_reader(kafka_bootstrap, unique_prefix) as reader,
+        DeferClient(config) as client,
+    ):
+        at = datetime.now(tz=UTC) + timedelta(seconds=1.6)
+        first = client.schedule("sched", {"n": 1}, at=at, defer_id="sched-retry")
+        assert first.tier == "3s"
+        # The caller did not see the acknowledgement and retries half a second later.
+        wait_until(
+            lambda: datetime.now(tz=UTC) >= at - timedelta(seconds=0.9),
+            timeout=5,
+            what="the retry moment",
+        )
+        retry = client.schedule("sched", {"n": 1}, at=at, defer_id="sched-retry")
+        assert retry.due_at == first.due_at
+        ledger = collect_ledger(
+            kafka_bootstrap,
+            [],
+            {"sched-retry": to_ms(first.due_at)},
+            timeout=WAIT_S,
+            drain_s=2.0,
+            reader=reader,
+        )
+    assert ledger.duplicated == {}, (
+        f"the retry went to tier {retry.tier} (first: {first.tier}) and was delivered again: "
+        + ledger.summary()
+    )
+    ledger.assert_exactly_once()
