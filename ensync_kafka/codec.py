@@ -28,6 +28,8 @@ SCHEMA_NAMES = (
     "DeadLetter",
     "StateMarker",
     "InvalidRecord",
+    "Control",
+    "WorkerAnnouncement",
 )
 
 

@@ -20,3 +20,16 @@ class WorkerHooks:
 
     def on_delivered(self, tier: str, deferral: dict[str, Any], delivered_at_ms: int) -> None:
         """A deferral was released (its transaction committed)."""
+
+    def on_accepted(self, tier: str, deferral: dict[str, Any]) -> None:
+        """A deferral was accepted and is held (its transaction committed)."""
+
+    def on_control(self, tier: str, op: str, outcome: str, deferral: dict[str, Any] | None) -> None:
+        """A cancel or reschedule request was answered (its transaction committed).
+
+        ``op`` is CANCEL or RESCHEDULE; ``outcome`` one of ``control``'s outcomes; ``deferral``
+        is the held deferral it acted on (with the new due time after a reschedule), else None.
+        """
+
+    def on_transaction(self, tier: str, seconds: float, committed: bool) -> None:
+        """A transaction finished after ``seconds``: committed, or failed and aborted."""

@@ -47,6 +47,11 @@ class TopicNames:
     def invalid(self) -> str:
         return f"{self.prefix}.invalid"
 
+    @property
+    def workers(self) -> str:
+        """Compacted: one record per running worker (see registry.py), keyed by worker id."""
+        return f"{self.prefix}.workers"
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TopicSpec:
@@ -91,6 +96,15 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     specs.append(_spec(names.audit, t.audit))
     specs.append(_spec(names.dead, t.dead))
     specs.append(_spec(names.invalid, t.invalid))
+    # The worker registry: tiny, compacted, one partition so a reader sees one ordered history.
+    specs.append(
+        TopicSpec(
+            name=names.workers,
+            partitions=1,
+            replication=t.audit.replication,
+            config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
+        )
+    )
     return specs
 
 

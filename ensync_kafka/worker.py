@@ -34,12 +34,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from . import audit
+from . import audit, control
 from .codec import DEFERRAL, DELIVERED, INVALID, MARKER
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
 from .hooks import WorkerHooks
 from .models import now_ms
+from .monitor import Monitor
 from .state import MARKER_PREFIX, TIMER, PartitionStore, Timer, timer_key
 from .topics import TopicNames
 
@@ -62,6 +63,8 @@ class TierStats:
     invalid: int = 0
     commits: int = 0
     aborts: int = 0
+    controls: int = 0
+    restored: int = 0
 
 
 @dataclass
@@ -74,6 +77,10 @@ class _Turn:
     next_offset: dict[int, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     released: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    admitted: list[dict[str, Any]] = field(default_factory=list)
+    controls: list[control.Effect] = field(default_factory=list)
+    withdrawn: set[bytes] = field(default_factory=set)
+    """Timer keys a cancel/reschedule removed in this turn: they must not fire in it."""
     commit_not_before_ms: int = 0
     """The latest due time released in this turn: the commit waits for it."""
     accepted: int = 0
@@ -164,6 +171,11 @@ class TierWorker:
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
         self._queues = frozenset(config.queues)
         self._changelog_end: dict[int, int] = {}
+        # Monitoring (monitor.py) reads the stores from its own thread: ``lock`` guards the
+        # ``stores`` mapping and store closing; ``restoring`` holds partitions not yet restored.
+        self.lock = threading.RLock()
+        self.restoring: set[int] = set()
+        self.rebalanced = False
         client = config.kafka.client_settings()
         self.producer = Producer(
             {
@@ -229,9 +241,10 @@ class TierWorker:
             self.consumer.close()  # leaves the group: partitions move on at once
         finally:
             self.restorer.close()
-            for store in self.stores.values():
-                store.close()
-            self.stores.clear()
+            with self.lock:
+                for store in self.stores.values():
+                    store.close()
+                self.stores.clear()
             self.producer.flush(5)
             log.info("tier %s: worker stopped (%s)", self.tier.name, self.stats)
 
@@ -287,6 +300,10 @@ class TierWorker:
         store = self.stores.get(p)
         if store is None:  # not ours any more; the next owner reads it again
             return
+        op = control.control_op(msg)
+        if op is not None:
+            self._control(op, msg, store, turn, now)
+            return
         value = msg.value()
         try:
             rec = DEFERRAL.decode(value)
@@ -306,6 +323,7 @@ class TierWorker:
             return
         turn.seen.add(defer_id)
         turn.accepted += 1
+        turn.admitted.append(rec)
         key = timer_key(rec["due_at"], rec["priority"], defer_id)
         turn.change(p, TIMER + key, value)
         turn.emit(
@@ -313,6 +331,26 @@ class TierWorker:
             defer_id.encode(),
             self._audit(audit.DEFERRED, rec, now, rec["reason"]),
         )
+
+    def _control(
+        self, op: bytes, msg: Message, store: PartitionStore, turn: _Turn, now: int
+    ) -> None:
+        """A cancel or reschedule request (control.py), applied in this turn's transaction."""
+        try:
+            rec = control.decode(op, msg)
+        except SerializationError as exc:
+            self._quarantine(msg, str(exc), turn, now)
+            return
+        p, _ = _where(msg)
+        effect = control.apply(
+            rec, store, turn.changelog.get(p, ()), now=now, tier=self.tier.name, actor=self.actor
+        )
+        for key, value in effect.changes:
+            turn.change(p, key, value)
+        if effect.withdrawn is not None:
+            turn.withdrawn.add(effect.withdrawn)
+        turn.emit(self.names.audit, msg.key(), effect.audit)
+        turn.controls.append(effect)
 
     def _quarantine(self, msg: Message, reason: str, turn: _Turn, now: int) -> None:
         turn.invalid += 1
@@ -391,6 +429,8 @@ class TierWorker:
         self._bucket.spend(released)
 
     def _fire(self, p: int, timer: Timer, now: int, turn: _Turn) -> None:
+        if timer.key in turn.withdrawn:  # cancelled or moved earlier in this turn
+            return
         rec = DEFERRAL.decode(timer.value)
         defer_id = rec["defer_id"]
         # A pre-staged timer is released at its due time: that is when its transaction commits.
@@ -430,6 +470,7 @@ class TierWorker:
                 p, offset = _where(msg)
                 last_offsets[p] = offset
 
+        started = time.monotonic()
         try:
             producer.begin_transaction()
             for topic, key, value, headers in turn.records:
@@ -453,8 +494,10 @@ class TierWorker:
                 time.sleep(0.0005)
             _retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
         except KafkaException as exc:
+            self.hooks.on_transaction(self.tier.name, time.monotonic() - started, False)
             self._abort(turn, exc)
             return
+        self.hooks.on_transaction(self.tier.name, time.monotonic() - started, True)
         self.positions.update(turn.next_offset)
         for p, changes in turn.changelog.items():
             store = self.stores.get(p)
@@ -467,7 +510,12 @@ class TierWorker:
         st.duplicates += turn.duplicates
         st.invalid += turn.invalid
         st.delivered += len(turn.released)
+        st.controls += len(turn.controls)
         self.hooks.on_commit(self.tier.name, turn.accepted, turn.duplicates, turn.invalid)
+        for rec in turn.admitted:
+            self.hooks.on_accepted(self.tier.name, rec)
+        for effect in turn.controls:
+            self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
         for _, rec in turn.released:
             self.hooks.on_delivered(self.tier.name, rec, now_ms())
 
@@ -522,6 +570,7 @@ class TierWorker:
     # -- assignment and restore -----------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.rebalanced = True
         if not partitions:
             return
         # committed() waits for a previous owner's open transaction (require_stable), which is
@@ -530,10 +579,14 @@ class TierWorker:
             if tp.offset >= 0:
                 self.positions[tp.partition] = tp.offset
         numbers = [tp.partition for tp in partitions]
+        with self.lock:
+            self.restoring.update(numbers)
         stores = {p: PartitionStore(self.state_root / str(p)) for p in numbers}
         started = time.monotonic()
         restored = self._restore(stores)
-        self.stores.update(stores)
+        with self.lock:
+            self.stores.update(stores)
+            self.restoring.difference_update(numbers)
         log.info(
             "tier %s: assigned %s, restored %d changelog records in %.2fs",
             self.tier.name,
@@ -545,11 +598,13 @@ class TierWorker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        for p in numbers:
-            store = self.stores.pop(p, None)
-            if store is not None:
-                store.close()
-            self.positions.pop(p, None)
+        with self.lock:
+            for p in numbers:
+                store = self.stores.pop(p, None)
+                if store is not None:
+                    store.close()
+                self.positions.pop(p, None)
+                self.restoring.discard(p)
         if numbers:
             log.info("tier %s: revoked %s", self.tier.name, numbers)
             self.hooks.on_revoked(self.tier.name, numbers)
@@ -582,6 +637,7 @@ class TierWorker:
                         )
                     p, offset = _where(msg)
                     if err is not None:  # end of the partition: restored
+                        self.stats.restored += len(pending[p])
                         stores[p].apply(pending[p], offset)
                         pending[p] = []
                         open_partitions.discard(p)
@@ -590,6 +646,7 @@ class TierWorker:
                     last[p] = offset
                     total += 1
                     if len(pending[p]) >= RESTORE_APPLY_BATCH:
+                        self.stats.restored += len(pending[p])
                         stores[p].apply(pending[p], last[p] + 1)
                         pending[p] = []
         finally:
@@ -617,6 +674,10 @@ class Worker:
         self.config = config
         self.stop_event = threading.Event()
         names = tiers or config.tier_names
+        # The HTTP server (metrics, health, queries) binds here, so a taken port fails at once.
+        self.monitor = Monitor(config, self) if config.monitor.port != 0 else None
+        if self.monitor is not None:
+            hooks = self.monitor.wrap_hooks(hooks)
         self.tiers = [
             TierWorker(config, config.tier(n), stop=self.stop_event, hooks=hooks) for n in names
         ]
@@ -637,11 +698,17 @@ class Worker:
             threading.Thread(target=self._run_tier, args=(t,), name=f"tier-{t.tier.name}")
             for t in self.tiers
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
+        if self.monitor is not None:
+            self.monitor.start()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        finally:
+            if self.monitor is not None:
+                self.monitor.stop()  # withdraws this worker from {prefix}.workers
         if self.errors:
             raise self.errors[0]
 
