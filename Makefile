@@ -11,7 +11,7 @@ PYPROJECT_HASH := $(shell $(PYTHON) -c "import hashlib; print(hashlib.sha256(ope
 STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo broker-demo test lint typecheck unit integration e2e
+.PHONY: venv demo broker-demo browser test lint typecheck unit integration e2e
 
 venv: $(STAMP)
 
@@ -21,13 +21,9 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# The demo: ensync_kafka/demo.py when it exists, else a check of the local broker.
+# The demo: a local broker (or $$ENSYNC_KAFKA_BOOTSTRAP), topics, a worker process, real deferrals.
 demo: venv
-	@if [ -f ensync_kafka/demo.py ]; then \
-		$(BIN)/python -m ensync_kafka.demo; \
-	else \
-		$(MAKE) --no-print-directory broker-demo; \
-	fi
+	$(BIN)/python -m ensync_kafka.demo
 
 # Start (or reuse) the local broker, show it, list its topics, stop it.
 broker-demo: venv
@@ -42,7 +38,14 @@ broker-demo: venv
 	topics = AdminClient({'bootstrap.servers': sys.argv[1]}).list_topics(timeout=30).topics; \
 	print('\n'.join(sorted(topics)) or '(no topics yet)')" "$$bootstrap"
 
-test: venv
+# Headless Chromium for the dashboard test, from Debian's packages when it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the dashboard test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	} || echo "could not install chromium: the dashboard test will fail and say why"
+
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS) tests/unit tests/integration tests/e2e

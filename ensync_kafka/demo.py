@@ -47,6 +47,8 @@ EVENTS: list[tuple[str, dict[str, Any], float, int, str]] = [
     ("cart.expire", {"cart": 77}, 12.0, 2, "scheduled: cart expiry"),
 ]
 SCHEDULED = ("invoice.send", {"invoice": "F-2026-118"}, 4.0, 5, "scheduled: send at 09:00 local")
+LONG = ("trial.expiry", {"account": 311}, 2 * 3600.0, 2, "trial ends in two hours")
+"""Held in the top tier: shown by ``upcoming``, then cancelled by the demo."""
 
 
 def _say(text: str) -> None:
@@ -139,31 +141,62 @@ def _subscribe(config: Config) -> Consumer:
     return consumer
 
 
-def _await_deliveries(consumer: Consumer, receipts: list[Receipt]) -> int:
-    expected = {r.defer_id for r in receipts}
-    started = time.monotonic()
-    early = 0
-    try:
+class _Arrivals(threading.Thread):
+    """Reads the priority topics and stamps each arrival as it comes, so the demo's own
+    commands in the meantime cannot distort the lateness it reports."""
+
+    def __init__(self, consumer: Consumer, receipts: list[Receipt]) -> None:
+        super().__init__(daemon=True)
+        self.consumer = consumer
+        self.expected = {r.defer_id for r in receipts}
+        self.started = time.monotonic()
+        self.lines: list[str] = []
+        self.early = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
         deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-        while expected and time.monotonic() < deadline:
-            msg = consumer.poll(0.05)
-            if msg is None or msg.error() is not None:
-                continue
-            received = now_ms()
-            event = DeliveredEvent.from_record(DELIVERED.decode(msg.value()))
-            expected.discard(event.defer_id)
-            lateness = received - int(event.due_at.timestamp() * 1000)
-            early += lateness < 0
-            _say(
-                f"  +{time.monotonic() - started:5.2f}s  {event.name:<16} {msg.topic():<28} "
-                f"tier {event.tier:<3}  late {lateness:>4} ms  attempt {event.attempt}  "
-                f"reason: {event.reason}"
-            )
-    finally:
-        consumer.close()
-    if expected:
-        raise SystemExit(f"{len(expected)} deferrals not delivered in {DELIVERY_TIMEOUT_S}s")
-    return early
+        try:
+            while self.expected and time.monotonic() < deadline:
+                msg = self.consumer.poll(0.02)
+                if msg is None or msg.error() is not None:
+                    continue
+                received = now_ms()
+                event = DeliveredEvent.from_record(DELIVERED.decode(msg.value()))
+                self.expected.discard(event.defer_id)
+                lateness = received - int(event.due_at.timestamp() * 1000)
+                self.early += lateness < 0
+                self.lines.append(
+                    f"  +{time.monotonic() - self.started:5.2f}s  {event.name:<16} "
+                    f"{msg.topic():<28} tier {event.tier:<3}  late {lateness:>4} ms  "
+                    f"reason: {event.reason}"
+                )
+        finally:
+            self.consumer.close()
+            self.done.set()
+
+    def print_all(self) -> None:
+        shown = 0
+        while not (self.done.is_set() and shown == len(self.lines)):
+            for line in self.lines[shown:]:
+                _say(line)
+                shown += 1
+            time.sleep(0.05)
+        if self.expected:
+            raise SystemExit(f"{len(self.expected)} deferrals not delivered in time")
+
+
+def _command(config_file: Path, env: dict[str, str], *args: str) -> None:
+    """Run an ``ensync-kafka`` command and show its output, as a user would see it."""
+    _say(f"\n$ ensync-kafka {' '.join(args)}")
+    result = subprocess.run(
+        [sys.executable, "-m", "ensync_kafka", *args, "--config", str(config_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    _say((result.stdout + result.stderr).rstrip())
 
 
 def _cleanup(config: Config) -> None:
@@ -196,15 +229,17 @@ def main() -> None:
         consumer = _subscribe(config)
         with DeferClient(config) as client:
             receipts = _send(client)
-        _say("\nDeferred (each durable on its tier topic before defer() returned):")
-        for r in sorted(receipts, key=lambda r: r.due_at):
-            _say(
-                f"  {r.defer_id[:8]}  due {r.due_at:%H:%M:%S.%f}"[:-3]
-                + f"  tier {r.tier:<3}  p{r.priority}"
-            )
-        _say("\nDelivered (read_committed consumer of the priority topics):")
-        early = _await_deliveries(consumer, receipts)
-        _say(f"\nAll {len(receipts)} delivered once, {early} early.")
+            name, payload, delay, prio, reason = LONG
+            long = client.defer(name, payload, delay=delay, priority=prio, reason=reason)
+        arrivals = _Arrivals(consumer, receipts)
+        arrivals.start()
+        _say(f"\nDeferred {len(receipts) + 1} events; each was durable before defer() returned.")
+        _command(config_file, env, "status")
+        _command(config_file, env, "upcoming")
+        _say("\nDelivered (read_committed consumer of the priority topics; late = received - due):")
+        arrivals.print_all()
+        _say(f"All {len(receipts)} delivered once, {arrivals.early} early.")
+        _command(config_file, env, "cancel", long.defer_id, "--reason", "customer upgraded")
     finally:
         if worker is not None:
             worker.stop()

@@ -221,8 +221,10 @@ class TierWorker:
             self.producer.init_transactions(TXN_TIMEOUT_S)
         except KafkaException as exc:
             raise BrokerError(f"tier {self.tier.name}: init_transactions: {exc}") from exc
-        # Connect the restore consumer now, not in the first assignment's critical path.
+        # Connect the restore consumer, and learn every output topic's partitions, now rather
+        # than in the first assignment's or the first release's critical path.
         self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
+        self.producer.list_topics(timeout=TXN_TIMEOUT_S)
         self.consumer.subscribe(
             [self.topic],
             on_assign=self._on_assign,
