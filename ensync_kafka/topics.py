@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -11,6 +12,7 @@ from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TopicFamilyConfig
 from .exceptions import BrokerError
 
 ADMIN_TIMEOUT_S = 30.0
+METADATA_POLL_S = 0.05
 TIER_RETENTION_FLOOR_S = 7 * 86400.0
 """A tier topic keeps records at least this long, and always longer than the tier's span, so a
 worker down for a while still finds its deferrals (they are held in state once consumed)."""
@@ -147,11 +149,22 @@ def ensure_topics(config: Config, admin: AdminClient | None = None) -> Provision
                 if err.name() != "TOPIC_ALREADY_EXISTS":  # lost a race with another process
                     msg = f"cannot create {name}: {err.str()}"
                     raise BrokerError(msg, code=err.code()) from exc
+    _await_metadata(admin, {s.name for s in specs})
     present = [s for s in specs if s.name not in created]
     mismatches = _verify(admin, present) if present else []
     return ProvisionReport(
         created=sorted(created), verified=sorted(s.name for s in present), mismatches=mismatches
     )
+
+
+def _await_metadata(admin: AdminClient, names: set[str]) -> None:
+    """A created topic is known to the controller first; brokers publish it to clients a little
+    later (KRaft metadata propagation). Return once all are visible, so callers can use them."""
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while missing := names - set(admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics):
+        if time.monotonic() > deadline:
+            raise BrokerError(f"created but not visible after {ADMIN_TIMEOUT_S:.0f}s: {missing}")
+        time.sleep(METADATA_POLL_S)
 
 
 def _verify(admin: AdminClient, specs: list[TopicSpec]) -> list[str]:

@@ -17,6 +17,12 @@ def _create_topic(admin: AdminClient, name: str, partitions: int = 1) -> None:
         [NewTopic(name, num_partitions=partitions, replication_factor=1)], operation_timeout=30
     )
     futures[name].result(timeout=TIMEOUT_S)
+    # The controller has it now; brokers publish metadata asynchronously (KRaft), so await it.
+    deadline = time.monotonic() + TIMEOUT_S
+    while name not in admin.list_topics(timeout=TIMEOUT_S).topics:
+        if time.monotonic() >= deadline:
+            pytest.fail(f"topic {name} created but not in metadata after {TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
 
 
 def _drain(consumer: Consumer, done: Callable[[list[bytes]], bool], what: str) -> list[bytes]:
