@@ -47,6 +47,7 @@ browser:
 
 test: venv browser
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS) tests/unit tests/integration tests/e2e
 
