@@ -28,6 +28,8 @@ def audit_value(
     deferral: dict[str, Any] | None = None,
     tier: str | None = None,
     actor: str = "",
+    request_id: str | None = None,
+    outcome: str | None = None,
 ) -> bytes:
     """Encode an AuditRecord; ``deferral`` (a decoded Deferral) fills name, queue, priority, due."""
     d = deferral or {}
@@ -44,5 +46,7 @@ def audit_value(
             "due_at": d.get("due_at"),
             "attempt": d.get("attempt"),
             "actor": actor,
+            "request_id": request_id,
+            "outcome": outcome,
         }
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from .audit import audit_value
 from .codec import AUDIT, DEFERRAL, MARKER, Codec
 from .config import Config
 from .exceptions import BrokerError, SerializationError
@@ -169,23 +170,16 @@ def apply(
         event, outcome, reason = "UNCHANGED", ALREADY_CANCELLED, f"{op.lower()}: already cancelled"
     else:
         event, outcome, reason = "UNCHANGED", UNKNOWN, f"{op.lower()}: unknown here"
-    d = deferral or {}
-    audit = AUDIT.encode(
-        {
-            "defer_id": defer_id,
-            "event": event,
-            "at": now,
-            "reason": reason,
-            "name": d.get("name"),
-            "queue": d.get("queue"),
-            "priority": d.get("priority"),
-            "tier": tier,
-            "due_at": d.get("due_at"),
-            "attempt": d.get("attempt"),
-            "actor": rec["actor"] or actor,
-            "request_id": rec["request_id"],
-            "outcome": outcome,
-        }
+    audit = audit_value(
+        event,
+        defer_id=defer_id,
+        at_ms=now,
+        reason=reason,
+        deferral=deferral,
+        tier=tier,
+        actor=rec["actor"] or actor,
+        request_id=rec["request_id"],
+        outcome=outcome,
     )
     return Effect(
         changes=changes,

@@ -24,7 +24,16 @@ from .client import DeferClient, ProgressCallback
 from .codec import DEAD
 from .config import Config
 from .exceptions import BrokerError, SerializationError
-from .models import Attempt, DeferRequest, DeliveredEvent, Receipt, from_ms, now_ms, to_ms
+from .models import (
+    Attempt,
+    DeferRequest,
+    DeliveredEvent,
+    Receipt,
+    event_fields,
+    from_ms,
+    now_ms,
+    to_ms,
+)
 from .retry import chain_headers, redefer_payload, redrive_id
 from .topics import TopicNames
 
@@ -73,22 +82,7 @@ class DeadLetter:
         cls, record: dict[str, Any], *, partition: int = -1, offset: int = -1
     ) -> DeadLetter:
         return cls(
-            defer_id=record["defer_id"],
-            name=record["name"],
-            payload=record["payload"],
-            content_type=record["content_type"],
-            key=record["key"],
-            headers=tuple((h["key"], h["value"]) for h in record["headers"]),
-            priority=record["priority"],
-            queue=record["queue"],
-            deferred_at=from_ms(record["deferred_at"]),
-            due_at=from_ms(record["due_at"]),
-            reason=record["reason"],
-            attempt=record["attempt"],
-            history=tuple(
-                Attempt(attempt=a["attempt"], at=from_ms(a["at"]), reason=a["reason"])
-                for a in record["history"]
-            ),
+            **event_fields(record),
             error=record["error"],
             traceback=record["traceback"],
             dead_at=from_ms(record["dead_at"]),

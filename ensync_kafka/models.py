@@ -96,22 +96,30 @@ class DeliveredEvent:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> DeliveredEvent:
         return cls(
-            defer_id=record["defer_id"],
-            name=record["name"],
-            payload=record["payload"],
-            content_type=record["content_type"],
-            key=record["key"],
-            headers=tuple((h["key"], h["value"]) for h in record["headers"]),
-            priority=record["priority"],
-            queue=record["queue"],
-            deferred_at=from_ms(record["deferred_at"]),
-            due_at=from_ms(record["due_at"]),
+            **event_fields(record),
             delivered_at=from_ms(record["delivered_at"]),
-            reason=record["reason"],
-            attempt=record["attempt"],
-            history=tuple(
-                Attempt(attempt=a["attempt"], at=from_ms(a["at"]), reason=a["reason"])
-                for a in record["history"]
-            ),
             tier=record["tier"],
         )
+
+
+def event_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields every event-carrying record shares (Deferral, DeliveredEvent, DeadLetter),
+    decoded into their Python types."""
+    return dict(
+        defer_id=record["defer_id"],
+        name=record["name"],
+        payload=record["payload"],
+        content_type=record["content_type"],
+        key=record["key"],
+        headers=tuple((h["key"], h["value"]) for h in record["headers"]),
+        priority=record["priority"],
+        queue=record["queue"],
+        deferred_at=from_ms(record["deferred_at"]),
+        due_at=from_ms(record["due_at"]),
+        reason=record["reason"],
+        attempt=record["attempt"],
+        history=tuple(
+            Attempt(attempt=a["attempt"], at=from_ms(a["at"]), reason=a["reason"])
+            for a in record["history"]
+        ),
+    )
