@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ MARKER_PREFIX = b"D"
 _DUE = struct.Struct(">Q")
 _MARKER_VALUE = struct.Struct(">BQ")  # status, at_ms
 _OFFSET_KEY = b"changelog_offset"
+_TOP = b"\xff" * 10
+"""Sorts after every timer key (its first byte would be a due time past year 2^56 ms)."""
 
 STATUS_DELIVERED = 1
 STATUS_CANCELLED = 2
@@ -84,6 +87,14 @@ class PartitionStore:
         self._db = Rdict(str(path), options=_raw_options(), column_families=cfs)
         self._cf = {name: self._db.get_column_family(name) for name in _COLUMN_FAMILIES}
         self._h = {name: self._db.get_column_family_handle(name) for name in _COLUMN_FAMILIES}
+        # Released timers leave tombstones at the head of the key range until compaction, and
+        # a scan from the start wades through all of them (milliseconds per seek after a few
+        # thousand releases). A floor is a key below which no live entry exists: scans start
+        # there, a scan raises it to the first live key it finds, a put below it lowers it.
+        # Raising and lowering happen under one lock, so a reader's raise cannot hide a put.
+        self._floor_lock = threading.Lock()
+        self._timer_floor = b""
+        self._prio_floor = {bytes((b,)): bytes((b,)) for b in range(PRIORITY_MAX)}
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -107,19 +118,35 @@ class PartitionStore:
         return value
 
     def next_due_ms(self) -> int | None:
-        it = self._cf["timers"].iter()
-        it.seek_to_first()
-        return int(_DUE.unpack_from(it.key())[0]) if it.valid() else None
+        with self._floor_lock:
+            it = self._cf["timers"].iter()
+            it.seek(self._timer_floor)
+            if not it.valid():
+                self._timer_floor = _TOP  # empty: the next put lowers it
+                return None
+            self._timer_floor = it.key()
+            return int(_DUE.unpack_from(self._timer_floor)[0])
 
     def due(self, lower_ms: int, upper_ms: int, limit: int) -> list[Timer]:
         """Timers with ``lower_ms <= due < upper_ms`` in due order, at most ``limit``."""
-        return list(self._scan("timers", _DUE.pack(lower_ms), _DUE.pack(upper_ms), limit))
+        lower, upper = _DUE.pack(lower_ms), _DUE.pack(upper_ms)
+        with self._floor_lock:
+            floor = self._timer_floor
+            found = list(self._scan("timers", max(lower, floor), upper, limit))
+            if floor >= lower:  # the scan started at the floor: raise it
+                self._timer_floor = found[0].key if found else max(floor, upper)
+        return found
 
     def overdue(self, priority: int, upper_ms: int, limit: int) -> list[Timer]:
         """Timers of one priority due before ``upper_ms``, oldest first, at most ``limit``."""
         prefix = bytes((PRIORITY_MAX - priority,))
+        upper = prefix + _DUE.pack(upper_ms)
+        with self._floor_lock:
+            floor = self._prio_floor[prefix]
+            entries = list(self._scan("by_priority", floor, upper, limit))
+            self._prio_floor[prefix] = entries[0].key if entries else max(floor, upper)
         out = []
-        for entry in self._scan("by_priority", prefix, prefix + _DUE.pack(upper_ms), limit):
+        for entry in entries:
             k = entry.key  # (5 - priority) + due + defer_id  ->  due + (5 - priority) + defer_id
             key = k[1:9] + k[0:1] + k[9:]
             value = self._cf["timers"].get(key)
@@ -139,7 +166,7 @@ class PartitionStore:
     def iter_timers(self, after: bytes = b"") -> Iterator[Timer]:
         """Every held timer in due order, starting after the key ``after``."""
         it = self._cf["timers"].iter()
-        it.seek(after) if after else it.seek_to_first()
+        it.seek(after or self._timer_floor)
         while it.valid():
             if it.key() != after:
                 yield Timer(it.key(), it.value())
@@ -162,6 +189,8 @@ class PartitionStore:
         """Project changelog records into the database atomically, with the offset reached."""
         batch = WriteBatch(raw_mode=True)
         h = self._h
+        lowest: bytes | None = None
+        lowest_by_prio: dict[bytes, bytes] = {}
         for key, value in records:
             kind, rest = key[:1], key[1:]
             if kind == TIMER:
@@ -174,6 +203,11 @@ class PartitionStore:
                 else:
                     batch.put(rest, value, h["timers"])
                     batch.put(by_prio, b"", h["by_priority"])
+                    if lowest is None or rest < lowest:
+                        lowest = rest
+                    prio = by_prio[:1]
+                    if by_prio < lowest_by_prio.get(prio, _TOP):
+                        lowest_by_prio[prio] = by_prio
                     batch.put(defer_id, rest[:9], h["index"])
             elif kind == MARKER_PREFIX:
                 if value is None:
@@ -189,7 +223,13 @@ class PartitionStore:
                     batch.put(_DUE.pack(marker["at"]) + rest, b"", h["marker_expiry"])
         if next_offset is not None:
             batch.put(_OFFSET_KEY, _DUE.pack(next_offset), h["meta"])
-        self._db.write(batch)
+        with self._floor_lock:
+            self._db.write(batch)
+            if lowest is not None and lowest < self._timer_floor:
+                self._timer_floor = lowest
+            for prefix, key in lowest_by_prio.items():
+                if key < self._prio_floor[prefix]:
+                    self._prio_floor[prefix] = key
 
     def close(self) -> None:
         # rocksdict releases the lock only when every handle is gone.

@@ -293,3 +293,45 @@ def test_many_timers_scan_in_order(store: PartitionStore) -> None:
     assert len(timers) == 5000
     assert [t.key for t in timers] == sorted(t.key for t in timers)
     assert store.held_count() > 0
+
+
+# -- scan floors (tombstone skipping) must never hide a live timer -------------------------------
+
+
+def test_a_timer_put_below_the_raised_floor_is_still_found(store: PartitionStore) -> None:
+    store.apply([put(f"a{i}", T0 + 100 + i) for i in range(50)], None)
+    assert store.next_due_ms() == T0 + 100
+    released = store.due(T0, T0 + 130, 1000)  # raises the floor past what it released
+    assert len(released) == 30
+    store.apply([tombstone(t.defer_id, t.due_ms) for t in released], None)
+    assert store.next_due_ms() == T0 + 130
+    store.apply([put("late", T0 + 5), put("mid", T0 + 120, 4)], None)  # below the floor
+    assert store.next_due_ms() == T0 + 5
+    assert ids(store.due(T0, T0 + 131, 10)) == ["late", "mid", "a30"]
+    assert ids(store.overdue(4, T0 + 200, 10)) == ["mid"]
+    assert ids(store.overdue(1, T0 + 200, 2)) == ["late", "a30"]
+
+
+def test_an_emptied_store_finds_the_next_put(store: PartitionStore) -> None:
+    store.apply([put("x", T0 + 10, 3)], None)
+    assert ids(store.due(T0, T0 + 11, 10)) == ["x"]
+    store.apply([tombstone("x", T0 + 10, 3)], None)
+    assert store.next_due_ms() is None
+    assert store.due(T0, T0 + 1000, 10) == []
+    assert store.overdue(3, T0 + 1000, 10) == []
+    store.apply([put("y", T0 + 1, 3)], None)
+    assert store.next_due_ms() == T0 + 1
+    assert ids(store.due(T0, T0 + 2, 10)) == ["y"]
+    assert ids(store.overdue(3, T0 + 2, 10)) == ["y"]
+
+
+def test_a_scan_above_the_floor_does_not_raise_it_past_older_timers(
+    store: PartitionStore,
+) -> None:
+    # An on-time scan starts at now - grace, above an old (backlog) timer: the backlog must stay
+    # visible to next_due_ms and to the overdue scan.
+    store.apply([put("old", T0), put("new", T0 + 5000)], None)
+    assert ids(store.due(T0 + 4000, T0 + 6000, 10)) == ["new"]
+    store.apply([tombstone("new", T0 + 5000)], None)
+    assert store.next_due_ms() == T0
+    assert ids(store.overdue(1, T0 + 6000, 10)) == ["old"]
