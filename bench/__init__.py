@@ -1,0 +1,1 @@
+"""Benchmark harness for ensync-kafka: ``python -m bench.run [--quick] [--profile]``."""
