@@ -100,3 +100,38 @@ AUDIT = Codec("AuditRecord")
 DEAD = Codec("DeadLetter")
 MARKER = Codec("StateMarker")
 INVALID = Codec("InvalidRecord")
+
+
+def _zigzag_long(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _check_delivered_extends_deferral() -> None:
+    deferral = [f["name"] for f in schema_json("Deferral")["fields"]]
+    delivered = [f["name"] for f in schema_json("DeliveredEvent")["fields"]]
+    if delivered != [*deferral, "delivered_at", "tier"]:
+        raise SerializationError(
+            "DeliveredEvent must be Deferral's fields followed by delivered_at and tier"
+        )
+
+
+_check_delivered_extends_deferral()
+
+
+def delivered_from_deferral(deferral_value: bytes, delivered_at_ms: int, tier: str) -> bytes:
+    """The DeliveredEvent for a Deferral, without decoding it.
+
+    Avro binary is the concatenation of the field encodings in schema order, and DeliveredEvent
+    is Deferral's fields followed by ``delivered_at`` (long) and ``tier`` (string), checked at
+    import. Appending costs ~1 us against ~6.5 us for a decode-free re-encode.
+    """
+    tier_bytes = tier.encode()
+    return (
+        deferral_value + _zigzag_long(delivered_at_ms) + _zigzag_long(len(tier_bytes)) + tier_bytes
+    )

@@ -44,6 +44,8 @@ DEFAULT_DELIVERED_RETENTION_S = 7 * 86400.0
 DEFAULT_CATCHUP_RATE_PER_S = 10_000.0
 DEFAULT_CATCHUP_GRACE_S = 1.0
 DEFAULT_TRANSACTION_TIMEOUT_S = 10.0
+DEFAULT_STATE_CACHE_BYTES = 32 * 1024 * 1024
+DEFAULT_STATE_MEMTABLE_BYTES = 64 * 1024 * 1024
 DEFAULT_STATE_DIR = "./ensync-state"
 DEFAULT_AUDIT_RETENTION_S = 90 * 86400.0
 DEFAULT_DEAD_RETENTION_S = 90 * 86400.0
@@ -191,9 +193,10 @@ class WorkerConfig(_Frozen):
     max_commit_interval: PositiveDuration = DEFAULT_MAX_COMMIT_INTERVAL_S
     poll_interval: PositiveDuration = DEFAULT_POLL_INTERVAL_S
     release_lookahead: Duration = Field(default=DEFAULT_RELEASE_LOOKAHEAD_S, ge=0, le=1)
-    """Timers due within this many seconds join the current transaction, which commits only
-    once the last of them is due: read_committed consumers never see one early, and the
-    transaction's own latency is spent before the due time instead of after it."""
+    """At most this far ahead, timers join the current transaction, which commits only once the
+    last of them is due: read_committed consumers never see one early, and the transaction's
+    own latency is spent before the due time instead of after it. The worker pre-stages only as
+    far as its measured transaction preparation time, up to this cap."""
     delivered_retention: PositiveDuration = DEFAULT_DELIVERED_RETENTION_S
     """How long a delivered marker is kept to drop a late duplicate of the same defer_id."""
     catchup_rate: float = Field(default=DEFAULT_CATCHUP_RATE_PER_S, gt=0)
@@ -201,6 +204,11 @@ class WorkerConfig(_Frozen):
     catchup_grace: Duration = Field(default=DEFAULT_CATCHUP_GRACE_S, ge=0)
     """A timer more than this many seconds overdue counts as backlog and is rate-capped."""
     transaction_timeout: PositiveDuration = DEFAULT_TRANSACTION_TIMEOUT_S
+    state_cache_bytes: int = Field(default=DEFAULT_STATE_CACHE_BYTES, ge=1024 * 1024)
+    """RocksDB block cache shared by every partition store of a worker process."""
+    state_memtable_bytes: int = Field(default=DEFAULT_STATE_MEMTABLE_BYTES, ge=1024 * 1024)
+    """Memtable budget shared by every store (charged to the cache): memory stays bounded by
+    these two numbers, not by the number of partitions or of held deferrals."""
 
 
 class MonitorConfig(_Frozen):

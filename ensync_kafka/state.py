@@ -22,7 +22,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rocksdict import Options, Rdict, ReadOptions, WriteBatch
+from rocksdict import (
+    BlockBasedOptions,
+    Cache,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteBufferManager,
+)
 
 from .codec import MARKER
 from .config import PRIORITY_MAX
@@ -70,21 +78,45 @@ class Timer:
         return self.key[9:].decode()
 
 
-def _raw_options() -> Options:
-    opts = Options(raw_mode=True)
-    opts.create_if_missing(True)
-    opts.create_missing_column_families(True)
-    return opts
+MEMTABLE_BYTES_PER_FAMILY = 8 * 1024 * 1024
+"""RocksDB's default (64 MiB per column family, per store) would let 6 families x N partitions
+reach gigabytes before the shared budget flushes them."""
+DEFAULT_CACHE_BYTES = 8 * 1024 * 1024
+DEFAULT_MEMTABLE_BYTES = 32 * 1024 * 1024
+
+
+class StateMemory:
+    """One block cache and one memtable budget for every store of a worker process."""
+
+    def __init__(
+        self, cache_bytes: int = DEFAULT_CACHE_BYTES, memtable_bytes: int = DEFAULT_MEMTABLE_BYTES
+    ) -> None:
+        self.cache = Cache(cache_bytes)
+        self.write_buffers = WriteBufferManager.new_write_buffer_manager_with_cache(
+            memtable_bytes, False, self.cache
+        )
+
+    def options(self) -> Options:
+        opts = Options(raw_mode=True)
+        table = BlockBasedOptions()
+        table.set_block_cache(self.cache)
+        opts.set_block_based_table_factory(table)
+        opts.set_write_buffer_manager(self.write_buffers)
+        opts.set_write_buffer_size(MEMTABLE_BYTES_PER_FAMILY)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        return opts
 
 
 class PartitionStore:
     """RocksDB for one (tier, partition): timers, a priority index, delivered markers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memory: StateMemory | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        cfs = {name: Options(raw_mode=True) for name in _COLUMN_FAMILIES}
-        self._db = Rdict(str(path), options=_raw_options(), column_families=cfs)
+        memory = memory or StateMemory()
+        cfs = {name: memory.options() for name in _COLUMN_FAMILIES}
+        self._db = Rdict(str(path), options=memory.options(), column_families=cfs)
         self._cf = {name: self._db.get_column_family(name) for name in _COLUMN_FAMILIES}
         self._h = {name: self._db.get_column_family_handle(name) for name in _COLUMN_FAMILIES}
         # Released timers leave tombstones at the head of the key range until compaction, and

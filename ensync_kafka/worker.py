@@ -35,13 +35,13 @@ from confluent_kafka import (
 )
 
 from . import audit, control
-from .codec import DEFERRAL, DELIVERED, INVALID, MARKER
+from .codec import DEFERRAL, INVALID, MARKER, delivered_from_deferral
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
 from .hooks import WorkerHooks
 from .models import now_ms
 from .monitor import Monitor
-from .state import MARKER_PREFIX, TIMER, PartitionStore, Timer, timer_key
+from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, Timer, timer_key
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.worker")
@@ -51,6 +51,9 @@ RESTORE_TIMEOUT_S = 300.0
 RESTORE_APPLY_BATCH = 10_000
 MARKER_EXPIRY_INTERVAL_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
+PREP_ESTIMATE_START_MS = 10.0
+PREP_ESTIMATE_WEIGHT = 0.2
+"""Weight of the newest sample in the moving average of a transaction's preparation time."""
 MAX_BACKLOG_BURST_S = 0.1
 """The catch-up token bucket holds at most this many seconds' worth of releases."""
 
@@ -150,8 +153,11 @@ class TierWorker:
         *,
         stop: threading.Event | None = None,
         hooks: WorkerHooks | None = None,
+        memory: StateMemory | None = None,
     ) -> None:
         self.config = config
+        w = config.worker
+        self.memory = memory or StateMemory(w.state_cache_bytes, w.state_memtable_bytes)
         self.tier = tier
         self.stop_event = stop or threading.Event()
         self.hooks = hooks or WorkerHooks()
@@ -159,13 +165,13 @@ class TierWorker:
         self.names = TopicNames(config.prefix)
         self.topic = self.names.defer(tier.name)
         self.state_topic = self.names.state(tier.name)
-        w = config.worker
         self.actor = f"worker:{w.id}"
         self.state_root = Path(w.state_dir) / config.prefix / w.id / tier.name
         self.stores: dict[int, PartitionStore] = {}
         self.positions: dict[int, int] = {}
         self._grace_ms = int(w.catchup_grace * 1000)
-        self._lookahead_ms = int(w.release_lookahead * 1000)
+        self._max_lookahead_ms = w.release_lookahead * 1000
+        self._prep_ms = PREP_ESTIMATE_START_MS
         self._bucket = _TokenBucket(w.catchup_rate, w.catchup_rate * MAX_BACKLOG_BURST_S)
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
@@ -402,54 +408,58 @@ class TierWorker:
     # -- release ------------------------------------------------------------------------------
 
     def _release(self, now: int, turn: _Turn) -> None:
+        due = self._due_timers(now, turn)
+        if not due:
+            return
+        # Every release of the turn becomes visible when the turn commits, which is not before
+        # the latest due time among them (pre-staged ones: see WorkerConfig.release_lookahead).
+        # That instant is the honest release stamp for all of them.
+        released_at = max(now, max(timer.due_ms for _, timer in due))
+        turn.commit_not_before_ms = released_at
+        for p, timer in due:
+            self._fire(p, timer, released_at, turn)
+
+    def _due_timers(self, now: int, turn: _Turn) -> list[tuple[int, Timer]]:
+        """On-time timers (and those due within the lookahead) in due order, then the overdue
+        backlog highest priority first, oldest first, paced by the catch-up bucket."""
         budget = self.config.worker.fire_batch_size
         on_time_from = now - self._grace_ms
+        due: list[tuple[int, Timer]] = []
         for p, store in self.stores.items():
-            if budget <= 0:
-                return
-            timers = store.due(on_time_from, now + self._lookahead_ms + 1, budget)
-            for timer in timers:
-                self._fire(p, timer, now, turn)
-            budget -= len(timers)
-        # The overdue backlog: highest priority first, oldest first, paced by the bucket.
-        budget = min(budget, self._bucket.available())
-        if budget <= 0:
-            return
+            if budget <= len(due):
+                return due
+            timers = store.due(on_time_from, now + self._lookahead_ms + 1, budget - len(due))
+            due.extend((p, t) for t in timers if t.key not in turn.withdrawn)
+        backlog = min(budget - len(due), self._bucket.available())
         released = 0
         for priority in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1):
-            candidates = [
+            if released >= backlog:
+                break
+            candidates = sorted(
                 (timer.key, p, timer)
                 for p, store in self.stores.items()
-                for timer in store.overdue(priority, on_time_from, budget - released)
-            ]
-            candidates.sort()
-            for _, p, timer in candidates[: budget - released]:
-                self._fire(p, timer, now, turn)
+                for timer in store.overdue(priority, on_time_from, backlog - released)
+                if timer.key not in turn.withdrawn
+            )
+            for _, p, timer in candidates[: backlog - released]:
+                due.append((p, timer))
                 released += 1
-            if released >= budget:
-                break
         self._bucket.spend(released)
+        return due
 
-    def _fire(self, p: int, timer: Timer, now: int, turn: _Turn) -> None:
-        if timer.key in turn.withdrawn:  # cancelled or moved earlier in this turn
-            return
+    def _fire(self, p: int, timer: Timer, released_at: int, turn: _Turn) -> None:
         rec = DEFERRAL.decode(timer.value)
         defer_id = rec["defer_id"]
-        # A pre-staged timer is released at its due time: that is when its transaction commits.
-        released_at = max(now, rec["due_at"])
-        turn.commit_not_before_ms = max(turn.commit_not_before_ms, released_at)
-        delivered = DELIVERED.encode({**rec, "delivered_at": released_at, "tier": self.tier.name})
+        id_bytes = defer_id.encode()
+        delivered = delivered_from_deferral(timer.value, released_at, self.tier.name)
         headers = [(h["key"], h["value"]) for h in rec["headers"]]
         topic = self.names.priority(rec["queue"], rec["priority"])
-        turn.emit(topic, rec["key"] or defer_id.encode(), delivered, headers)
+        turn.emit(topic, rec["key"] or id_bytes, delivered, headers)
         turn.change(p, TIMER + timer.key, None)
         marker = MARKER.encode({"defer_id": defer_id, "status": "DELIVERED", "at": released_at})
-        turn.change(p, MARKER_PREFIX + defer_id.encode(), marker)
-        turn.emit(
-            self.names.audit,
-            defer_id.encode(),
-            self._audit(audit.DELIVERED, rec, released_at, rec["reason"]),
-        )
+        turn.change(p, MARKER_PREFIX + id_bytes, marker)
+        audit_value = self._audit(audit.DELIVERED, rec, released_at, rec["reason"])
+        turn.emit(self.names.audit, id_bytes, audit_value)
         turn.released.append((p, rec))
 
     def _expire_markers(self, now: int, turn: _Turn) -> None:
@@ -489,6 +499,7 @@ class TierWorker:
                     lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S)
                 )
             producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
+            self._observe_prep((time.monotonic() - started) * 1000)
             wait_ms = turn.commit_not_before_ms - now_ms()
             if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
                 time.sleep(wait_ms / 1000)
@@ -520,6 +531,15 @@ class TierWorker:
             self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
         for _, rec in turn.released:
             self.hooks.on_delivered(self.tier.name, rec, now_ms())
+
+    @property
+    def _lookahead_ms(self) -> int:
+        """Pre-stage only as far ahead as a transaction takes to get ready to commit: further
+        would hold earlier releases back until the latest one is due."""
+        return int(min(self._max_lookahead_ms, self._prep_ms))
+
+    def _observe_prep(self, ms: float) -> None:
+        self._prep_ms += PREP_ESTIMATE_WEIGHT * (ms - self._prep_ms)
 
     def _produce(
         self,
@@ -583,7 +603,7 @@ class TierWorker:
         numbers = [tp.partition for tp in partitions]
         with self.lock:
             self.restoring.update(numbers)
-        stores = {p: PartitionStore(self.state_root / str(p)) for p in numbers}
+        stores = {p: PartitionStore(self.state_root / str(p), self.memory) for p in numbers}
         started = time.monotonic()
         restored = self._restore(stores)
         with self.lock:
@@ -680,8 +700,10 @@ class Worker:
         self.monitor = Monitor(config, self) if config.monitor.port != 0 else None
         if self.monitor is not None:
             hooks = self.monitor.wrap_hooks(hooks)
+        memory = StateMemory(config.worker.state_cache_bytes, config.worker.state_memtable_bytes)
         self.tiers = [
-            TierWorker(config, config.tier(n), stop=self.stop_event, hooks=hooks) for n in names
+            TierWorker(config, config.tier(n), stop=self.stop_event, hooks=hooks, memory=memory)
+            for n in names
         ]
         self.errors: list[BaseException] = []
 

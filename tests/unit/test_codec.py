@@ -336,3 +336,27 @@ def test_apache_avro_reads_the_schema_json_the_codec_uses() -> None:
     for name in SCHEMA_NAMES:
         parsed = avro.schema.parse(json.dumps(schema_json(name)))
         assert parsed.fullname == f"io.ensync.kafka.{name}"
+
+
+def test_delivered_from_deferral_equals_encoding_the_delivered_event() -> None:
+    from ensync_kafka.codec import DEFERRAL, DELIVERED, delivered_from_deferral
+
+    for due, tier in ((0, "1s"), (1_795_000_000_123, "10m"), (2**40 + 7, "t" * 200)):
+        rec = {
+            "defer_id": "d-1",
+            "name": "n",
+            "payload": b"\x00\xffpayload",
+            "content_type": "application/octet-stream",
+            "key": b"k",
+            "headers": [{"key": "h", "value": None}],
+            "priority": 4,
+            "queue": "default",
+            "deferred_at": due - 5,
+            "due_at": due,
+            "reason": "r",
+            "attempt": 3,
+            "history": [{"attempt": 1, "at": 1, "reason": "x"}],
+        }
+        appended = delivered_from_deferral(DEFERRAL.encode(rec), due + 1, tier)
+        assert appended == DELIVERED.encode({**rec, "delivered_at": due + 1, "tier": tier})
+        assert DELIVERED.decode(appended)["tier"] == tier
