@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -58,16 +59,103 @@ def schema_json(name: str) -> dict[str, Any]:
     return result
 
 
+def _zigzag_long(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(value: str) -> bytes:
+    data = value.encode()
+    return _zigzag_long(len(data)) + data
+
+
+def _bytes(value: bytes) -> bytes:
+    return _zigzag_long(len(value)) + value
+
+
+def _number(value: int) -> bytes:
+    if not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return _zigzag_long(value)
+
+
+_Encoder = Callable[[Any], bytes]
+_PRIMITIVES: dict[str, _Encoder] = {
+    "string": _string,
+    "bytes": _bytes,
+    "int": _number,
+    "long": _number,
+}
+
+
+def _type_encoder(avro_type: Any) -> _Encoder | None:
+    if isinstance(avro_type, str):
+        return _PRIMITIVES.get(avro_type)
+    if isinstance(avro_type, dict):
+        if avro_type.get("type") == "enum":
+            index = {symbol: _zigzag_long(i) for i, symbol in enumerate(avro_type["symbols"])}
+
+            def enum(value: str) -> bytes:
+                try:
+                    return index[value]
+                except KeyError:
+                    raise ValueError(f"{value!r} is not a symbol of {avro_type['name']}") from None
+
+            return enum
+        return _PRIMITIVES.get(avro_type.get("type", ""))  # a logical type over a primitive
+    if isinstance(avro_type, list) and len(avro_type) == 2 and avro_type[0] == "null":
+        inner = _type_encoder(avro_type[1])
+        if inner is None:
+            return None
+        return lambda value: b"\x00" if value is None else b"\x02" + inner(value)
+    return None
+
+
+def _compile(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bytes] | None:
+    """A direct encoder for a flat record of strings, bytes, ints, enums and ["null", X] unions,
+    byte-identical to fastavro's (tested) at about half its cost; None for any other shape."""
+    fields = []
+    for f in schema["fields"]:
+        encoder = _type_encoder(f["type"])
+        if encoder is None:
+            return None
+        fields.append((f["name"], encoder, "default" in f, f.get("default")))
+
+    def encode(record: dict[str, Any]) -> bytes:
+        out = [MAGIC]
+        for name, encoder, has_default, default in fields:
+            if name in record:
+                out.append(encoder(record[name]))
+            elif has_default:
+                out.append(encoder(default))
+            else:
+                raise KeyError(f"no value for {name}")
+        return b"".join(out)
+
+    return encode
+
+
 class Codec:
     """Encoder/decoder for one schema."""
 
-    __slots__ = ("_parsed", "name")
+    __slots__ = ("_fast", "_parsed", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._parsed = fastavro.parse_schema(_strip_logical(schema_json(name)))
+        self._fast = _compile(schema_json(name))
 
     def encode(self, record: dict[str, Any]) -> bytes:
+        if self._fast is not None:
+            try:
+                return self._fast(record)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise SerializationError(f"cannot encode {self.name}: {exc}") from exc
         buf = io.BytesIO()
         buf.write(MAGIC)
         try:
@@ -100,16 +188,6 @@ AUDIT = Codec("AuditRecord")
 DEAD = Codec("DeadLetter")
 MARKER = Codec("StateMarker")
 INVALID = Codec("InvalidRecord")
-
-
-def _zigzag_long(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _check_delivered_extends_deferral() -> None:

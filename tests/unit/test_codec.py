@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from datetime import UTC, datetime
 from typing import Any
 
@@ -360,3 +361,53 @@ def test_delivered_from_deferral_equals_encoding_the_delivered_event() -> None:
         appended = delivered_from_deferral(DEFERRAL.encode(rec), due + 1, tier)
         assert appended == DELIVERED.encode({**rec, "delivered_at": due + 1, "tier": tier})
         assert DELIVERED.decode(appended)["tier"] == tier
+
+
+def _random_value(avro_type: object, rng: random.Random) -> object:
+    if isinstance(avro_type, list):  # ["null", X]
+        return None if rng.random() < 0.3 else _random_value(avro_type[1], rng)
+    if isinstance(avro_type, dict):
+        if avro_type["type"] == "enum":
+            return rng.choice(avro_type["symbols"])
+        return _random_value(avro_type["type"], rng)
+    if avro_type == "string":
+        return "".join(rng.choice("aZ9 é€🙂-") for _ in range(rng.randrange(0, 40)))
+    if avro_type == "bytes":
+        return rng.randbytes(rng.randrange(0, 40))
+    if avro_type == "int":
+        return rng.randrange(-(2**31), 2**31)
+    if avro_type == "long":
+        return rng.choice([0, -1, 1, 63, 64, -65, 2**40, -(2**63), 2**63 - 1])
+    raise AssertionError(f"unexpected type {avro_type!r}")
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_compiled_encoders_match_fastavro_byte_for_byte(name: str) -> None:
+    import io
+
+    import fastavro
+
+    from ensync_kafka.codec import MAGIC, _compile, _strip_logical, schema_json
+
+    schema = schema_json(name)
+    fast = _compile(schema)
+    if fast is None:
+        assert (
+            any(
+                isinstance(f["type"], dict) and f["type"].get("type") == "array"
+                for f in schema["fields"]
+            )
+            or name == "WorkerAnnouncement"
+        )
+        return
+    parsed = fastavro.parse_schema(_strip_logical(schema))
+    rng = random.Random(name)
+    for _ in range(300):
+        record = {f["name"]: _random_value(f["type"], rng) for f in schema["fields"]}
+        if rng.random() < 0.3:  # leave out a field that has a default
+            defaults = [f["name"] for f in schema["fields"] if "default" in f]
+            if defaults:
+                del record[rng.choice(defaults)]
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, parsed, record)
+        assert fast(record) == MAGIC + buf.getvalue(), record
