@@ -36,8 +36,10 @@ READY_TIMEOUT_S = 90.0
 DELIVERY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
-# name, payload, delay (s), priority, reason
-EVENTS: list[tuple[str, dict[str, Any], float, int, str]] = [
+_Event = tuple[str, dict[str, Any], float, int, str]
+"""name, payload, delay (s), priority, reason"""
+
+EVENTS: list[_Event] = [
     ("webhook.deliver", {"url": "https://hooks.example/orders"}, 0.5, 3, "HTTP 503: retry"),
     ("email.send", {"to": "ana@example.com"}, 1.0, 1, "provider rate limit: 10/s"),
     ("payment.capture", {"order": 1041}, 2.0, 5, "gateway timeout: backoff attempt 2"),
@@ -46,8 +48,14 @@ EVENTS: list[tuple[str, dict[str, Any], float, int, str]] = [
     ("report.generate", {"day": "2026-11-22"}, 6.0, 3, "scheduled: nightly report"),
     ("cart.expire", {"cart": 77}, 12.0, 2, "scheduled: cart expiry"),
 ]
-SCHEDULED = ("invoice.send", {"invoice": "F-2026-118"}, 4.0, 5, "scheduled: send at 09:00 local")
-LONG = ("trial.expiry", {"account": 311}, 2 * 3600.0, 2, "trial ends in two hours")
+SCHEDULED: _Event = (
+    "invoice.send",
+    {"invoice": "F-2026-118"},
+    4.0,
+    5,
+    "scheduled: send at 09:00 local",
+)
+LONG: _Event = ("trial.expiry", {"account": 311}, 2 * 3600.0, 2, "trial ends in two hours")
 """Held in the top tier: shown by ``upcoming``, then cancelled by the demo."""
 
 
@@ -111,15 +119,20 @@ def _broker() -> tuple[str, LocalBroker | None]:
     return info.bootstrap, broker if started else None
 
 
-def _send(client: DeferClient) -> list[Receipt]:
-    receipts = [
-        client.defer(name, payload, delay=delay, priority=prio, reason=reason)
-        for name, payload, delay, prio, reason in EVENTS
-    ]
-    name, payload, delay, prio, reason = SCHEDULED
-    at = datetime.now(tz=UTC) + timedelta(seconds=delay)
-    receipts.append(client.schedule(name, payload, at=at, priority=prio, reason=reason))
-    return receipts
+def _send(config: Config) -> tuple[list[Receipt], Receipt]:
+    """The demo's deferrals, and the long one it cancels at the end. The client lives only
+    here, so its connections are gone before the broker stops."""
+    with DeferClient(config) as client:
+        receipts = [
+            client.defer(name, payload, delay=delay, priority=prio, reason=reason)
+            for name, payload, delay, prio, reason in EVENTS
+        ]
+        name, payload, delay, prio, reason = SCHEDULED
+        at = datetime.now(tz=UTC) + timedelta(seconds=delay)
+        receipts.append(client.schedule(name, payload, at=at, priority=prio, reason=reason))
+        name, payload, delay, prio, reason = LONG
+        long = client.defer(name, payload, delay=delay, priority=prio, reason=reason)
+    return receipts, long
 
 
 def _subscribe(config: Config) -> Consumer:
@@ -227,10 +240,7 @@ def main() -> None:
         worker.wait_ready()
         _say(f"Worker: pid {worker.proc.pid}, tiers {', '.join(config.tier_names)}, ready")
         consumer = _subscribe(config)
-        with DeferClient(config) as client:
-            receipts = _send(client)
-            name, payload, delay, prio, reason = LONG
-            long = client.defer(name, payload, delay=delay, priority=prio, reason=reason)
+        receipts, long = _send(config)
         arrivals = _Arrivals(consumer, receipts)
         arrivals.start()
         _say(f"\nDeferred {len(receipts) + 1} events; each was durable before defer() returned.")
