@@ -18,8 +18,8 @@ from .models import Attempt, DeferRequest, DeliveredEvent, Receipt
 from .query import Cluster
 from .ratelimit import RateLimit
 from .retry import Drop, Postpone, Retry
+from .runner import Worker
 from .topics import TopicNames, ensure_topics
-from .worker import Worker
 
 __all__ = [
     "Attempt",

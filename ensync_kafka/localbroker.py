@@ -21,26 +21,36 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
-import fcntl
 import hashlib
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from ._processes import (
+    _POLL_S,
+    KILL_WAIT_S,
+    _alive,
+    _answers,
+    _die_with_parent,
+    _free_port,
+    _is_kafka_under,
+    _kafka_pids_under,
+    _kill,
+    _locked,
+    _read_json,
+    _start_ticks,
+    _write_json,
+)
+from ._processes import _wait_gone as _wait_gone  # re-exported: the tests wait on brokers with it
 from .exceptions import LocalBrokerError
 
 __all__ = [
@@ -64,7 +74,6 @@ DEFAULT_START_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
 FETCH_TIMEOUT_S = 900.0
 FORMAT_TIMEOUT_S = 120.0
-KILL_WAIT_S = 10.0
 STARTED_MARKER = "Kafka Server started"
 HOST = "127.0.0.1"
 
@@ -77,11 +86,9 @@ OWNER_FILE = "owner.json"
 _LIBS = "libs"
 _LIBS_STAMP = ".ensync-complete"
 _LOCK = ".lock"
-_POLL_S = 0.1
 _PORT_ATTEMPTS = 3
 _LOG_TAIL_LINES = 25
 _UNOWNED_GRACE_S = 60.0
-_PR_SET_PDEATHSIG = 1
 _JAVA_HINT = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
 _MVN_HINT = "install Apache Maven (e.g. `apt-get install maven`), needed once to fetch Kafka jars"
 
@@ -130,7 +137,7 @@ def _test_registry() -> Path:
     return Path(tempfile.gettempdir()) / f"ensync-kafka-tests-{os.getuid()}"
 
 
-# --- small process and file helpers --------------------------------------------------------
+# --- small helpers -----------------------------------------------------------------------------
 
 
 def _require(program: str, hint: str) -> str:
@@ -140,161 +147,12 @@ def _require(program: str, hint: str) -> str:
     return found
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat from field 3 (state) on, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def _start_ticks(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie counts as dead (and is reaped if it is our child)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    fields = _proc_stat(pid)
-    return not (fields and fields[0] in ("Z", "X"))
-
-
-def _cmdline(pid: int) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        if Path("/proc/self").exists():
-            return None
-    except OSError:
-        return None
-    else:
-        return raw.replace(b"\0", b" ").decode(errors="replace")
-    result = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
-    return result.stdout.strip() or None
-
-
-def _is_kafka_under(pid: int, directory: Path) -> bool:
-    """True when ``pid`` is a live ``kafka.Kafka`` JVM whose config lies in ``directory``.
-
-    Reads only the command line (empty for a zombie), never waits on the pid.
-    """
-    cmd = _cmdline(pid) if pid > 0 else None
-    return bool(cmd and "kafka.Kafka" in cmd and f"{directory}{os.sep}" in cmd)
-
-
-def _kafka_pids_under(directory: Path) -> list[int]:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    pids = (int(p.name) for p in proc.iterdir() if p.name.isdigit())
-    return [pid for pid in pids if _is_kafka_under(pid, directory)]
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL_S)
-    return True
-
-
-def _kill(pid: int, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> None:
-    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if _wait_gone(pid, timeout):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not _wait_gone(pid, KILL_WAIT_S):
-        raise LocalBrokerError(f"broker pid {pid} survived SIGKILL")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(bootstrap: str, timeout: float = 2.0) -> bool:
-    """True when a TCP connection to ``host:port`` is accepted."""
-    host, _, port = bootstrap.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking the kernel to SIGKILL the child when this thread dies (Linux).
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so start from a long-lived
-    thread (pytest runs fixtures on the main thread). ``prctl`` is resolved here, before the
-    fork, so the child only makes the call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    parent, sigkill = os.getpid(), int(signal.SIGKILL)
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sigkill)
-
-    return hook
 
 
 # --- jars and config -----------------------------------------------------------------------
@@ -469,7 +327,9 @@ class LocalBroker:
                 if self._owns(existing):
                     if _answers(existing.bootstrap):
                         return existing, False
-                    _kill(existing.pid)  # wedged, or half-started by a starter that died
+                    _kill(
+                        existing.pid, DEFAULT_STOP_TIMEOUT_S
+                    )  # wedged, or half-started by a starter that died
                 self._forget(existing, keep_data=False)
             libs = ensure_jars(self.cache)
             for _attempt in range(_PORT_ATTEMPTS):
@@ -537,10 +397,10 @@ class LocalBroker:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         data_dir = self.home / f"data-{stamp}-{uuid.uuid4().hex[:6]}"
         data_dir.mkdir(parents=True)
-        broker_port = _free_port()
-        controller_port = _free_port()
+        broker_port = _free_port(HOST)
+        controller_port = _free_port(HOST)
         while controller_port == broker_port:
-            controller_port = _free_port()
+            controller_port = _free_port(HOST)
         properties = data_dir / "server.properties"
         log4j = f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
         classpath = f"{libs}{os.sep}*"

@@ -28,7 +28,8 @@ from .state import STATUS_NAMES, PartitionStore, Timer
 from .web import App, WebServer
 
 if TYPE_CHECKING:
-    from .worker import TierWorker, Worker
+    from .runner import Worker
+    from .worker import TierWorker
 
 log = logging.getLogger("ensync_kafka.monitor")
 

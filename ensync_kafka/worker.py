@@ -15,17 +15,13 @@ lost its partitions (KIP-447), and on assignment ``committed()`` waits for its o
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -35,20 +31,19 @@ from confluent_kafka import (
 )
 
 from . import audit, control
+from ._kafka import retrying, where
 from .codec import DEFERRAL, INVALID, MARKER, delivered_from_deferral
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
 from .hooks import WorkerHooks
 from .models import now_ms
-from .monitor import Monitor
+from .restore import replay_changelog
 from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, Timer, timer_key
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.worker")
 
 TXN_TIMEOUT_S = 30.0
-RESTORE_TIMEOUT_S = 300.0
-RESTORE_APPLY_BATCH = 10_000
 MARKER_EXPIRY_INTERVAL_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
 PREP_ESTIMATE_START_MS = 10.0
@@ -91,7 +86,7 @@ class _Turn:
     invalid: int = 0
 
     def consumed(self, msg: Message) -> None:
-        p, offset = _where(msg)
+        p, offset = where(msg)
         self.first_offset.setdefault(p, offset)
         self.next_offset[p] = offset + 1
 
@@ -104,26 +99,6 @@ class _Turn:
     @property
     def empty(self) -> bool:
         return not (self.records or self.changelog or self.next_offset)
-
-
-def _where(msg: Message) -> tuple[int, int]:
-    """(partition, offset) of a consumed record; librdkafka sets both on every one."""
-    p, offset = msg.partition(), msg.offset()
-    assert p is not None and offset is not None
-    return p, offset
-
-
-def _retrying(call: Callable[[], None], attempts: int = 3) -> None:
-    """Repeat a transactional call on a retriable error, as librdkafka asks; an abortable or
-    fatal error propagates (a commit that timed out may have succeeded: it must not be aborted)."""
-    for attempt in range(attempts):
-        try:
-            call()
-            return
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if not err.retriable() or attempt == attempts - 1:
-                raise
 
 
 class _TokenBucket:
@@ -303,7 +278,7 @@ class TierWorker:
         return None
 
     def _intake(self, msg: Message, turn: _Turn, now: int) -> None:
-        p, _ = _where(msg)
+        p, _ = where(msg)
         turn.consumed(msg)
         store = self.stores.get(p)
         if store is None:  # not ours any more; the next owner reads it again
@@ -349,7 +324,7 @@ class TierWorker:
         except SerializationError as exc:
             self._quarantine(msg, str(exc), turn, now)
             return
-        p, _ = _where(msg)
+        p, _ = where(msg)
         effect = control.apply(
             rec, store, turn.changelog.get(p, ()), now=now, tier=self.tier.name, actor=self.actor
         )
@@ -479,7 +454,7 @@ class TierWorker:
 
         def on_changelog(err: KafkaError | None, msg: Message) -> None:
             if err is None:
-                p, offset = _where(msg)
+                p, offset = where(msg)
                 last_offsets[p] = offset
 
         started = time.monotonic()
@@ -495,9 +470,7 @@ class TierWorker:
             if offsets:
                 tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
                 metadata = self.consumer.consumer_group_metadata()
-                _retrying(
-                    lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S)
-                )
+                retrying(lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S))
             producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
             self._observe_prep((time.monotonic() - started) * 1000)
             wait_ms = turn.commit_not_before_ms - now_ms()
@@ -505,7 +478,7 @@ class TierWorker:
                 time.sleep(wait_ms / 1000)
             while now_ms() < turn.commit_not_before_ms:
                 time.sleep(0.0005)
-            _retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
+            retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
         except KafkaException as exc:
             self.hooks.on_transaction(self.tier.name, time.monotonic() - started, False)
             self._abort(turn, exc)
@@ -605,7 +578,9 @@ class TierWorker:
             self.restoring.update(numbers)
         stores = {p: PartitionStore(self.state_root / str(p), self.memory) for p in numbers}
         started = time.monotonic()
-        restored = self._restore(stores)
+        restored = replay_changelog(
+            self.restorer, self.state_topic, stores, on_applied=self._count_restored
+        )
         with self.lock:
             self.stores.update(stores)
             self.restoring.difference_update(numbers)
@@ -631,49 +606,8 @@ class TierWorker:
             log.info("tier %s: revoked %s", self.tier.name, numbers)
             self.hooks.on_revoked(self.tier.name, numbers)
 
-    def _restore(self, stores: dict[int, PartitionStore]) -> int:
-        """Replay each partition's changelog from its stored offset to the end."""
-        starts = []
-        for p, store in stores.items():
-            offset = store.changelog_offset()
-            starts.append(
-                TopicPartition(self.state_topic, p, OFFSET_BEGINNING if offset is None else offset)
-            )
-        self.restorer.assign(starts)
-        pending: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in stores}
-        last: dict[int, int] = {}
-        open_partitions = set(stores)
-        total = 0
-        deadline = time.monotonic() + RESTORE_TIMEOUT_S
-        try:
-            while open_partitions:
-                if time.monotonic() > deadline:
-                    raise BrokerError(
-                        f"tier {self.tier.name}: restore of {sorted(open_partitions)} timed out"
-                    )
-                for msg in self.restorer.consume(1000, 0.05):
-                    err = msg.error()
-                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                        raise BrokerError(
-                            f"restore {self.state_topic}: {err.str()}", code=err.code()
-                        )
-                    p, offset = _where(msg)
-                    if err is not None:  # end of the partition: restored
-                        self.stats.restored += len(pending[p])
-                        stores[p].apply(pending[p], offset)
-                        pending[p] = []
-                        open_partitions.discard(p)
-                        continue
-                    pending[p].append((msg.key() or b"", msg.value()))
-                    last[p] = offset
-                    total += 1
-                    if len(pending[p]) >= RESTORE_APPLY_BATCH:
-                        self.stats.restored += len(pending[p])
-                        stores[p].apply(pending[p], last[p] + 1)
-                        pending[p] = []
-        finally:
-            self.restorer.unassign()
-        return total
+    def _count_restored(self, n: int) -> None:
+        self.stats.restored += n
 
     def _log_stats(self) -> None:
         if time.monotonic() < self._next_stats:
@@ -681,68 +615,3 @@ class TierWorker:
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
         held = sum(s.held_count() for s in self.stores.values())
         log.info("tier %s: held~%d %s", self.tier.name, held, self.stats)
-
-
-class Worker:
-    """Runs a :class:`TierWorker` per tier in threads until :meth:`stop` or SIGTERM/SIGINT."""
-
-    def __init__(
-        self,
-        config: Config,
-        tiers: Sequence[str] | None = None,
-        *,
-        hooks: WorkerHooks | None = None,
-    ) -> None:
-        self.config = config
-        self.stop_event = threading.Event()
-        names = tiers or config.tier_names
-        # The HTTP server (metrics, health, queries) binds here, so a taken port fails at once.
-        self.monitor = Monitor(config, self) if config.monitor.port != 0 else None
-        if self.monitor is not None:
-            hooks = self.monitor.wrap_hooks(hooks)
-        memory = StateMemory(config.worker.state_cache_bytes, config.worker.state_memtable_bytes)
-        self.tiers = [
-            TierWorker(config, config.tier(n), stop=self.stop_event, hooks=hooks, memory=memory)
-            for n in names
-        ]
-        self.errors: list[BaseException] = []
-
-    def _run_tier(self, tier: TierWorker) -> None:
-        try:
-            tier.run()
-        except BaseException as exc:
-            log.exception("tier %s: worker failed", tier.tier.name)
-            self.errors.append(exc)
-            self.stop_event.set()
-
-    def run(self, *, install_signal_handlers: bool = True) -> None:
-        if install_signal_handlers:
-            self._install_signal_handlers()
-        threads = [
-            threading.Thread(target=self._run_tier, args=(t,), name=f"tier-{t.tier.name}")
-            for t in self.tiers
-        ]
-        if self.monitor is not None:
-            self.monitor.start()
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
-        finally:
-            if self.monitor is not None:
-                self.monitor.stop()  # withdraws this worker from {prefix}.workers
-        if self.errors:
-            raise self.errors[0]
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %d: finishing the open transaction and stopping", signum)
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)

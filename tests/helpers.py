@@ -27,8 +27,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from ensync_kafka.codec import AUDIT, DELIVERED, INVALID
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.models import DeliveredEvent, now_ms
+from ensync_kafka.runner import Worker
 from ensync_kafka.topics import TopicNames
-from ensync_kafka.worker import Worker
 
 POLL_S = 0.2
 WORKER_READY_TIMEOUT_S = 60.0

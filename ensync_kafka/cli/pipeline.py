@@ -11,8 +11,8 @@ import click
 from ..client import DeferClient
 from ..config import WorkerConfig, parse_duration
 from ..models import Receipt
+from ..runner import Worker
 from ..topics import ensure_topics
-from ..worker import Worker
 from ._common import CONTEXT_SETTINGS, config_option, load
 
 
