@@ -12,11 +12,10 @@ serves a lower priority only once every partition of each higher priority has re
 least that fraction of the events handled while it has a backlog (a credit per priority, so p1
 keeps moving under a flood of p5).
 
-**Outcomes.** Return: handled. Raise: a failed attempt, deferred again through the DEFER
-pipeline after the backoff (attempt + 1, the failure appended to the history, priority, queue,
-key, payload and headers kept); after ``max_attempts`` the event goes to ``{prefix}.dead`` and
-the alert hook is called. :class:`~ensync_kafka.Retry`, :class:`~ensync_kafka.Postpone` and
-:class:`~ensync_kafka.Drop` choose the outcome explicitly. Every outcome but success is audited.
+**Outcomes.** Return: handled. Raise: retried after the backoff, dead after ``max_attempts``;
+:class:`~ensync_kafka.Retry`, :class:`~ensync_kafka.Postpone` and :class:`~ensync_kafka.Drop`
+choose the outcome explicitly. Writing them (re-deferrals, dead letters, quarantined records,
+audit records, the structured log lines) is :mod:`ensync_kafka.outcomes`.
 
 **At least once, never lost.** An offset is committed only after its event was handled, and
 after whatever the handling sent (retry, dead letter, audit) was acknowledged by the broker. A
@@ -31,7 +30,6 @@ import logging
 import signal
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,27 +40,17 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from . import audit
 from .client import DeferClient
-from .codec import DEAD, DELIVERED, INVALID
-from .config import PRIORITY_MAX, PRIORITY_MIN, Config, ConsumerConfig, RetryPolicyConfig
-from .dead import DeadLetter, dead_record
-from .exceptions import BrokerError, ConfigError, SerializationError, ValidationError
-from .models import Attempt, DeferRequest, DeliveredEvent, Receipt, from_ms, now_ms, to_ms
-from .retry import (
-    Drop,
-    Postpone,
-    Retry,
-    backoff_delay,
-    chain_of,
-    postpone_id,
-    redefer_request,
-    retry_id,
-)
+from .codec import DELIVERED
+from .config import PRIORITY_MAX, PRIORITY_MIN, Config, ConsumerConfig
+from .exceptions import BrokerError, ConfigError, SerializationError
+from .models import DeliveredEvent
+from .outcomes import FLUSH_TIMEOUT_S, AlertHook, OutcomeWriter, log_step
+from .retry import Drop, Postpone, Retry
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.consumer")
 
 Handler = Callable[[DeliveredEvent], object]
-AlertHook = Callable[[DeadLetter], object]
 H = TypeVar("H", bound=Handler)
 
 POLL_INTERVAL_S = 0.1
@@ -71,13 +59,9 @@ FILL_INTERVAL_S = 0.005
 CONSUME_BATCH = 500
 COMMIT_EVERY = 1000
 """Handled events that trigger a commit before ``consumer.commit_interval`` has passed."""
-FLUSH_TIMEOUT_S = 30.0
 COMMIT_TIMEOUT_S = 30.0
 WATERMARK_TIMEOUT_S = 1.0
 LAG_REFRESH_S = 0.5
-TRACEBACK_FRAMES = 12
-MAX_TRACEBACK_CHARS = 8000
-MAX_REASON_CHARS = 1000
 
 _TP = tuple[str, int]
 
@@ -235,7 +219,6 @@ class PriorityConsumer:
         self._last_commit = time.monotonic()
         self._paused_high: dict[_TP, int] = {}
         self._paused_high_at = 0.0
-        self._failures: list[KafkaError] = []
         self._filled_at = 0.0
 
     # -- public -----------------------------------------------------------------------------
@@ -295,6 +278,15 @@ class PriorityConsumer:
             )
             if self._client is None:
                 self._client = DeferClient(self.config)
+            self._outcomes = OutcomeWriter(
+                self.config,
+                names=self.names,
+                group=self.group,
+                producer=self._producer,
+                client=self._client,
+                alert=self._alert,
+                stats=self.stats,
+            )
             self._consumer = self._new_consumer(client)
             self._consumer.subscribe(
                 self.topics,
@@ -490,7 +482,7 @@ class PriorityConsumer:
         offsets = {tp: o for tp, o in self._done.items() if only is None or tp in only}
         if not offsets:
             return
-        self._flush()  # audit records of these events first: never commit past a lost write
+        self._outcomes.flush()  # their audit records first: never commit past a lost write
         try:
             partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             if asynchronous:
@@ -510,252 +502,55 @@ class PriorityConsumer:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("consumer group %s: commit failed: %s", self.group, err.str())
 
-    # -- producing ------------------------------------------------------------------------------
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failures.append(err)
-
-    def _emit(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Any = None,
-        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
-    ) -> None:
-        callback = on_delivery or self._on_delivery
-        while True:
-            try:
-                self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=callback
-                )
-                return
-            except BufferError:
-                self._producer.poll(0.05)
-
-    def _flush(self) -> None:
-        remaining = self._producer.flush(FLUSH_TIMEOUT_S)
-        if remaining or self._failures:
-            err = self._failures[0] if self._failures else None
-            detail = err.str() if err else f"{remaining} records not acknowledged"
-            self._failures.clear()
-            code = err.code() if err is not None else None
-            raise BrokerError(f"consumer group {self.group}: {detail}", code=code)
-
-    def _audit(
-        self, event_type: str, event: DeliveredEvent, reason: str, receipt: Receipt | None = None
-    ) -> None:
-        deferral = {
-            "name": event.name,
-            "queue": event.queue,
-            "priority": event.priority,
-            "due_at": to_ms(receipt.due_at) if receipt else to_ms(event.due_at),
-            "attempt": event.attempt,
-        }
-        value = audit.audit_value(
-            event_type,
-            defer_id=event.defer_id,
-            at_ms=now_ms(),
-            reason=reason,
-            deferral=deferral,
-            actor=f"consumer:{self.group}",
-        )
-        self._emit(self.names.audit, event.defer_id.encode(), value)
-
     # -- handling -------------------------------------------------------------------------------
 
     def _process(self, item: _Item) -> None:
         try:
             event = DeliveredEvent.from_record(DELIVERED.decode(item.msg.value()))
         except SerializationError as exc:
-            self._quarantine(item, str(exc))
+            self._outcomes.quarantine(item.msg, item.tp, item.offset, str(exc))
             self._mark_done(item)
             return
-        self._log(logging.DEBUG, "attempting", event, of=self._policy(event).max_attempts)
+        log_step(logging.DEBUG, "attempting", event, of=self._outcomes.policy(event).max_attempts)
         shed = self._cc.shedding
         if shed.lag_threshold is not None and event.priority <= shed.max_priority:
             lag = self._lag()
             if lag > shed.lag_threshold:
                 reason = f"load shedding: lag {lag} > {shed.lag_threshold}"
-                self._postpone(item, event, shed.delay, reason, audit.SHED)
+                self._outcomes.postpone(
+                    event, shed.delay, reason, audit.SHED, partition=item.tp[1], offset=item.offset
+                )
                 self.stats.shed += 1
                 self._mark_done(item)
                 return
-        self._log(logging.DEBUG, "doing", event)
+        log_step(logging.DEBUG, "doing", event)
         started = time.monotonic()
         assert self._handler is not None
         try:
             self._handler(event)
         except Drop as signal_:
-            self._audit(audit.DROPPED, event, signal_.reason)
+            self._outcomes.audit(audit.DROPPED, event, signal_.reason)
             self.stats.dropped += 1
-            self._log(logging.INFO, "skipping", event, outcome="dropped", reason=signal_.reason)
+            log_step(logging.INFO, "skipping", event, outcome="dropped", reason=signal_.reason)
         except Postpone as signal_:
-            self._postpone(item, event, signal_.delay, signal_.reason, audit.RESCHEDULED)
+            self._outcomes.postpone(
+                event,
+                signal_.delay,
+                signal_.reason,
+                audit.RESCHEDULED,
+                partition=item.tp[1],
+                offset=item.offset,
+            )
             self.stats.postponed += 1
         except Retry as signal_:
-            self._failed(event, signal_.reason, signal_, signal_.delay)
+            self._outcomes.failed(event, signal_.reason, signal_, signal_.delay)
         except Exception as exc:
-            self._failed(event, f"{type(exc).__name__}: {exc}", exc, None)
+            self._outcomes.failed(event, f"{type(exc).__name__}: {exc}", exc, None)
         else:
             self.stats.handled += 1
             elapsed_ms = (time.monotonic() - started) * 1000
-            self._log(logging.INFO, "finishing", event, ms=round(elapsed_ms, 1))
+            log_step(logging.INFO, "finishing", event, ms=round(elapsed_ms, 1))
         self._mark_done(item)
-
-    def _policy(self, event: DeliveredEvent) -> RetryPolicyConfig:
-        return self._cc.retry.for_event(event.name)
-
-    def _failed(
-        self, event: DeliveredEvent, reason: str, exc: BaseException, delay: float | None
-    ) -> None:
-        reason = reason[:MAX_REASON_CHARS]
-        policy = self._policy(event)
-        history = (*event.history, self._attempt(event, reason))
-        if event.attempt >= policy.max_attempts:
-            self._dead(event, reason, exc, history)
-            return
-        chain = chain_of(event.defer_id, event.headers)
-        if delay is None:
-            delay = backoff_delay(policy, event.attempt, chain)
-        delay = min(delay, self.config.defer.max_delay)
-        request = redefer_request(
-            event,
-            defer_id=retry_id(chain, event.attempt + 1),
-            chain=chain,
-            delay=delay,
-            reason=f"retry: {reason}",
-            attempt=event.attempt + 1,
-            history=history,
-        )
-        try:
-            receipt = self._send(request)
-        except ValidationError as invalid:  # e.g. its queue is no longer configured
-            self._dead(event, f"{reason} (cannot be retried: {invalid})", exc, history)
-            return
-        self._audit(audit.RETRIED, event, reason, receipt)
-        self.stats.retried += 1
-        self._log(
-            logging.WARNING,
-            "retrying",
-            event,
-            next_attempt=event.attempt + 1,
-            of=policy.max_attempts,
-            delay_s=round(delay, 3),
-            retry_id=receipt.defer_id,
-            reason=reason,
-        )
-
-    @staticmethod
-    def _attempt(event: DeliveredEvent, reason: str) -> Attempt:
-        return Attempt(attempt=event.attempt, at=from_ms(now_ms()), reason=reason)
-
-    def _postpone(
-        self, item: _Item, event: DeliveredEvent, delay: float, reason: str, event_type: str
-    ) -> None:
-        chain = chain_of(event.defer_id, event.headers)
-        request = redefer_request(
-            event,
-            defer_id=postpone_id(chain, item.tp[1], item.offset),
-            chain=chain,
-            delay=min(delay, self.config.defer.max_delay),
-            reason=reason,
-            attempt=event.attempt,
-            history=event.history,
-        )
-        try:
-            receipt = self._send(request)
-        except ValidationError as invalid:
-            why = f"{reason} (cannot be deferred: {invalid})"
-            self._dead(event, why, invalid, (*event.history, self._attempt(event, why)))
-            return
-        self._audit(event_type, event, reason, receipt)
-        outcome = "shed" if event_type == audit.SHED else "postponed"
-        self._log(
-            logging.INFO,
-            "skipping",
-            event,
-            outcome=outcome,
-            delay_s=round(delay, 3),
-            until=receipt.due_at.isoformat(),
-            reason=reason,
-        )
-
-    def _send(self, request: DeferRequest) -> Receipt:
-        """Defer and wait for the broker's acknowledgement (before the offset is committed)."""
-        assert self._client is not None
-        return self._client.defer_many([request])[0]
-
-    def _dead(
-        self,
-        event: DeliveredEvent,
-        reason: str,
-        exc: BaseException,
-        history: tuple[Attempt, ...],
-    ) -> None:
-        summary = "".join(traceback.format_exception(exc, limit=-TRACEBACK_FRAMES))
-        record = dead_record(
-            event,
-            error=reason,
-            traceback=summary[-MAX_TRACEBACK_CHARS:],
-            history=history,
-            dead_at_ms=now_ms(),
-            group=self.group,
-        )
-        position: list[tuple[int, int]] = []
-
-        def on_dead(err: KafkaError | None, msg: Message) -> None:
-            partition, offset = msg.partition(), msg.offset()
-            if err is not None:
-                self._failures.append(err)
-            elif partition is not None and offset is not None:
-                position.append((partition, offset))
-
-        value = DEAD.encode(record)
-        self._emit(self.names.dead, event.defer_id.encode(), value, list(event.headers), on_dead)
-        self._audit(audit.DEAD, event, reason)
-        self._flush()
-        self.stats.dead += 1
-        partition, offset = position[0] if position else (-1, -1)
-        letter = DeadLetter.from_record(record, partition=partition, offset=offset)
-        self._log(
-            logging.ERROR,
-            "dead",
-            event,
-            attempts=len(history),
-            topic=self.names.dead,
-            reason=reason,
-        )
-        if self._alert is not None:
-            try:
-                self._alert(letter)
-            except Exception:
-                log.exception("consumer group %s: the alert hook failed", self.group)
-
-    def _quarantine(self, item: _Item, reason: str) -> None:
-        msg = item.msg
-        value = INVALID.encode(
-            {
-                "source_topic": item.tp[0],
-                "source_partition": item.tp[1],
-                "source_offset": item.offset,
-                "key": msg.key(),
-                "value": msg.value(),
-                "reason": reason,
-                "rejected_at": now_ms(),
-            }
-        )
-        self._emit(self.names.invalid, msg.key(), value)
-        self.stats.invalid += 1
-        log.warning(
-            "consumer group %s: quarantined %s[%d]@%d: %s",
-            self.group,
-            item.tp[0],
-            item.tp[1],
-            item.offset,
-            reason,
-        )
 
     # -- lag ----------------------------------------------------------------------------------
 
@@ -796,32 +591,6 @@ class PriorityConsumer:
                 return cached
         _, high = self._consumer.get_watermark_offsets(part, cached=True)
         return int(high) if high is not None and high >= 0 else 0
-
-    # -- logging --------------------------------------------------------------------------------
-
-    def _log(self, level: int, step: str, event: DeliveredEvent, **fields: Any) -> None:
-        if not log.isEnabledFor(level):
-            return
-        base = {
-            "event": event.name,
-            "defer_id": event.defer_id,
-            "attempt": event.attempt,
-            "priority": event.priority,
-            "queue": event.queue,
-        }
-        pairs = " ".join(f"{k}={_fmt(v)}" for k, v in {**base, **fields}.items())
-        log.log(
-            level,
-            "%s %s",
-            step,
-            pairs,
-            extra={"step": step, **base, **fields},
-        )
-
-
-def _fmt(value: Any) -> str:
-    text = str(value)
-    return repr(text) if (" " in text or not text) else text
 
 
 def _describe(partitions: list[TopicPartition]) -> str:
