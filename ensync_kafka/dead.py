@@ -9,7 +9,6 @@ keeps the delivered marker, ``worker.delivered_retention``, and given the same `
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Collection, Iterable, Sequence
@@ -28,6 +27,7 @@ from .models import (
     Attempt,
     DeferRequest,
     DeliveredEvent,
+    Event,
     Receipt,
     event_fields,
     from_ms,
@@ -42,24 +42,12 @@ AUDIT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DeadLetter:
-    """An event that failed every attempt (the ``DeadLetter`` record on ``{prefix}.dead``)."""
+class DeadLetter(Event):
+    """An event that failed every attempt (the ``DeadLetter`` record on ``{prefix}.dead``).
 
-    defer_id: str
-    name: str
-    payload: bytes
-    content_type: str
-    key: bytes | None
-    headers: tuple[tuple[str, bytes | None], ...]
-    priority: int
-    queue: str
-    deferred_at: datetime
-    due_at: datetime
-    reason: str
-    attempt: int
-    """The last attempt, the one that used up the policy's ``max_attempts``."""
-    history: tuple[Attempt, ...]
-    """Every failed attempt, oldest first, the last one included."""
+    ``attempt`` is the last attempt, the one that used up the policy's ``max_attempts``;
+    ``history`` every failed attempt, oldest first, the last one included."""
+
     error: str
     """The last failure: ``ExceptionType: message``."""
     traceback: str
@@ -70,12 +58,6 @@ class DeadLetter:
     offset: int = -1
     copies: int = field(default=1, compare=False)
     """How many records on the dead topic carry this defer_id (more than one after a crash)."""
-
-    def json(self) -> Any:
-        return json.loads(self.payload)
-
-    def text(self) -> str:
-        return self.payload.decode()
 
     @classmethod
     def from_record(

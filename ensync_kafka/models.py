@@ -67,8 +67,8 @@ class DeferRequest:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DeliveredEvent:
-    """A deferral as delivered to ``{prefix}.<queue>.p<priority>``."""
+class Event:
+    """An application's event as carried by a Deferral, a DeliveredEvent and a DeadLetter."""
 
     defer_id: str
     name: str
@@ -80,11 +80,9 @@ class DeliveredEvent:
     queue: str
     deferred_at: datetime
     due_at: datetime
-    delivered_at: datetime
     reason: str
     attempt: int
     history: tuple[Attempt, ...]
-    tier: str
 
     def json(self) -> Any:
         """The payload decoded as JSON (what ``defer`` sent for non-bytes, non-str payloads)."""
@@ -92,6 +90,14 @@ class DeliveredEvent:
 
     def text(self) -> str:
         return self.payload.decode()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeliveredEvent(Event):
+    """A deferral as delivered to ``{prefix}.<queue>.p<priority>``."""
+
+    delivered_at: datetime
+    tier: str
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> DeliveredEvent:
