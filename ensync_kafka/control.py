@@ -270,12 +270,17 @@ def request(
     try:
         if watcher is not None:
             watcher.start()  # positioned before the requests exist: no answer is missed
-        send = _sender(producer)
+        send, failures = _sender(producer)
         for tier in tiers:
             send(names.defer(tier), defer_id.encode(), value, headers)
         remaining = producer.flush(timeout)
         if remaining:
             raise BrokerError(f"{op} {defer_id}: {remaining} control records not acknowledged")
+        if failures:  # reported while flushing
+            err = failures[0]
+            raise BrokerError(
+                f"{op} {defer_id}: control record failed: {err.str()}", code=err.code()
+            )
         answers = {} if watcher is None else watcher.collect(request_id, tiers, timeout)
     finally:
         if watcher is not None:
@@ -293,7 +298,9 @@ def request(
 
 def _sender(
     producer: Producer,
-) -> Callable[[str, bytes, bytes, Headers], None]:
+) -> tuple[Callable[[str, bytes, bytes, Headers], None], list[KafkaError]]:
+    """A send function that fails fast on an earlier delivery error, and the list of errors
+    (delivery reports also arrive during the final flush: check it after)."""
     failures: list[KafkaError] = []
 
     def on_delivery(err: KafkaError | None, msg: Message) -> None:
@@ -307,7 +314,7 @@ def _sender(
             err = failures[0]
             raise BrokerError(f"control record to {topic}: {err.str()}", code=err.code())
 
-    return send
+    return send, failures
 
 
 class _AnswerWatcher:
