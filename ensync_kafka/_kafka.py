@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+
+from .config import Config
 
 
 def where(msg: Message) -> tuple[int, int]:
@@ -25,3 +29,18 @@ def retrying(call: Callable[[], None], attempts: int = 3) -> None:
             err: KafkaError = exc.args[0]
             if not err.retriable() or attempt == attempts - 1:
                 raise
+
+
+def reader(config: Config, purpose: str, settings: Mapping[str, Any] | None = None) -> Consumer:
+    """A consumer for reading with ``assign()``: it never joins a group nor commits, but
+    librdkafka wants a group.id all the same, so it gets a throwaway one. read_committed (also
+    librdkafka's default): aborted transactions' records are never seen."""
+    return Consumer(
+        {
+            **config.kafka.client_settings(),
+            "group.id": f"{config.prefix}.{purpose}.{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            **(settings or {}),
+        }
+    )

@@ -13,7 +13,6 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from ._kafka import reader
 from .codec import AUDIT, DEAD
 from .config import Config
 from .exceptions import BrokerError, ConfigError, SerializationError
-from .models import from_ms
+from .models import from_ms, iso_ms
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.auditstore")
@@ -201,16 +201,14 @@ class AuditStore:
     def sync(self, timeout: float = SYNC_TIMEOUT_S) -> int:
         """Take in every record added since the last sync; returns how many."""
         with self._lock:
-            consumer = Consumer(
+            consumer = reader(
+                self.config,
+                "auditstore",
                 {
-                    **self.config.kafka.client_settings(),
-                    "group.id": f"{self.config.prefix}.auditstore.{uuid.uuid4().hex}",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
                     "auto.offset.reset": "earliest",
                     "enable.partition.eof": True,
                     "fetch.wait.max.ms": 50,
-                }
+                },
             )
             try:
                 return self._sync(consumer, timeout)
@@ -366,7 +364,7 @@ def _audit_dict(row: dict[str, Any]) -> dict[str, Any]:
         "queue": row["queue"],
         "priority": row["priority"],
         "tier": row["tier"],
-        "due_at": None if row["due_at_ms"] is None else from_ms(row["due_at_ms"]).isoformat(),
+        "due_at": iso_ms(row["due_at_ms"]),
         "attempt": row["attempt"],
         "actor": row["actor"],
         "request_id": row["request_id"],

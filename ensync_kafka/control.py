@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from ._kafka import reader
 from .audit import audit_value
 from .codec import AUDIT, DEFERRAL, MARKER, Codec
 from .config import Config
@@ -322,15 +323,7 @@ class _AnswerWatcher:
 
     def __init__(self, config: Config, topic: str) -> None:
         self.topic = topic
-        self.consumer = Consumer(
-            {
-                **config.kafka.client_settings(),
-                "group.id": f"{config.prefix}.control.{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "fetch.wait.max.ms": 50,
-            }
-        )
+        self.consumer = reader(config, "control", {"fetch.wait.max.ms": 50})
 
     def start(self) -> None:
         """Assign every partition at its current end (retrying while leaders are elected)."""

@@ -10,7 +10,6 @@ keeps the delivered marker, ``worker.delivered_retention``, and given the same `
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +18,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from . import audit
+from ._kafka import reader
 from .client import DeferClient, ProgressCallback
 from .codec import DEAD
 from .config import Config
@@ -120,14 +120,7 @@ def read_dead_letters(
     joining a consumer group.
     """
     topic = TopicNames(config.prefix).dead
-    consumer = Consumer(
-        {
-            **config.kafka.client_settings(),
-            "group.id": f"{config.prefix}.dead-reader.{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
+    consumer = reader(config, "dead-reader")
     try:
         starts, ends = _bounds(consumer, topic, since, timeout)
         letters = _read(consumer, starts, ends, timeout)

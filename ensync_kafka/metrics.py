@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._kafka import reader
 from .codec import DEAD
 from .config import Config
 from .exceptions import SerializationError
@@ -267,13 +267,7 @@ class LagProbe:
 
     def _client(self) -> Consumer:
         if self._consumer is None:
-            self._consumer = Consumer(
-                {
-                    **self._config.kafka.client_settings(),
-                    "group.id": f"{self._config.prefix}.lag-probe.{uuid.uuid4().hex}",
-                    "enable.auto.commit": False,
-                }
-            )
+            self._consumer = reader(self._config, "lag-probe")
         return self._consumer
 
     def end_offset(self, topic: str, partition: int) -> int | None:
@@ -316,15 +310,7 @@ class DeadLetterWatch:
     def __init__(self, config: Config, counter: Counter) -> None:
         self.topic = TopicNames(config.prefix).dead
         self._counter = counter
-        self._consumer = Consumer(
-            {
-                **config.kafka.client_settings(),
-                "group.id": f"{config.prefix}.dead-watch.{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "fetch.wait.max.ms": 100,
-            }
-        )
+        self._consumer = reader(config, "dead-watch", {"fetch.wait.max.ms": 100})
         self._started = False
 
     def poll(self) -> None:

@@ -13,17 +13,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from ._kafka import reader
 from .codec import AUDIT, DEAD
 from .config import Config
 from .exceptions import BrokerError, SerializationError
-from .models import from_ms, now_ms
+from .models import iso_ms, now_ms
 from .registry import RegistryReader, WorkerInfo
 from .topics import TopicNames
 
@@ -32,23 +32,19 @@ TAIL_TIMEOUT_S = 5.0
 _TERMINAL = {"DELIVERED": "delivered", "CANCELLED": "cancelled", "DEAD": "dead"}
 
 
-def _iso(ms: int | None) -> str | None:
-    return None if ms is None else from_ms(ms).isoformat()
-
-
 def audit_view(rec: dict[str, Any]) -> dict[str, Any]:
     """An AuditRecord as JSON."""
     return {
         "defer_id": rec["defer_id"],
         "event": rec["event"],
-        "at": _iso(rec["at"]),
+        "at": iso_ms(rec["at"]),
         "at_ms": rec["at"],
         "reason": rec["reason"],
         "name": rec.get("name"),
         "queue": rec.get("queue"),
         "priority": rec.get("priority"),
         "tier": rec.get("tier"),
-        "due_at": _iso(rec.get("due_at")),
+        "due_at": iso_ms(rec.get("due_at")),
         "attempt": rec.get("attempt"),
         "actor": rec.get("actor", ""),
         "request_id": rec.get("request_id"),
@@ -64,7 +60,7 @@ def dead_view(rec: dict[str, Any]) -> dict[str, Any]:
         "queue": rec["queue"],
         "priority": rec["priority"],
         "error": rec["error"],
-        "dead_at": _iso(rec["dead_at"]),
+        "dead_at": iso_ms(rec["dead_at"]),
         "at_ms": rec["dead_at"],
         "attempt": rec["attempt"],
         "reason": rec["reason"],
@@ -151,7 +147,7 @@ class Cluster:
                     "tier": name,
                     "held": sum(p["held"] for p in restored),
                     "held_exact": all(p.get("held_exact", True) for p in restored),
-                    "next_due": _iso(min(dues)) if dues else None,
+                    "next_due": iso_ms(min(dues)) if dues else None,
                     "next_due_ms": min(dues) if dues else None,
                     "oldest_overdue_s": max((p["overdue_s"] for p in restored), default=0.0),
                     "lag": sum(lags),
@@ -161,7 +157,7 @@ class Cluster:
                     "workers": sorted(owners[name]),
                 }
             )
-        return {"now": _iso(now_ms()), "tiers": tiers, "workers": workers}
+        return {"now": iso_ms(now_ms()), "tiers": tiers, "workers": workers}
 
     def upcoming(
         self,
@@ -255,16 +251,7 @@ class Tail:
         self._config = config
 
     def _consumer(self) -> Consumer:
-        return Consumer(
-            {
-                **self._config.kafka.client_settings(),
-                "group.id": f"{self._config.prefix}.tail.{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            }
-        )
+        return reader(self._config, "tail", {"enable.partition.eof": True, "fetch.wait.max.ms": 10})
 
     def recent(
         self, topic: str, limit: int, decode: Callable[[bytes | None], dict[str, Any]]

@@ -12,19 +12,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
     KafkaException,
     Producer,
     TopicPartition,
 )
 
+from ._kafka import reader
 from .codec import Codec
 from .config import Config
 from .exceptions import BrokerError, SerializationError
@@ -174,14 +173,7 @@ class RegistryReader:
         self.topic = TopicNames(config.prefix).workers
         self._lock = threading.Lock()
         self._known: dict[str, WorkerInfo] = {}
-        self._consumer = Consumer(
-            {
-                **config.kafka.client_settings(),
-                "group.id": f"{config.prefix}.registry-reader.{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
-            }
-        )
+        self._consumer = reader(config, "registry-reader", {"fetch.wait.max.ms": 10})
         self._assigned = False
         self._open: set[int] = set()
 
