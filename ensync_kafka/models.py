@@ -22,6 +22,11 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+def iso_ms(ms: int | None) -> str | None:
+    """ISO 8601 (UTC) of epoch milliseconds, for JSON answers; None stays None."""
+    return None if ms is None else from_ms(ms).isoformat()
+
+
 def now_ms() -> int:
     return int(datetime.now(tz=UTC).timestamp() * 1000)
 

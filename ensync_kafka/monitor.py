@@ -22,7 +22,7 @@ from .config import Config
 from .exceptions import ConfigError
 from .hooks import WorkerHooks
 from .metrics import DeadLetterWatch, LagProbe, MetricsHooks, WorkerMetrics, held_count
-from .models import from_ms, now_ms
+from .models import iso_ms, now_ms
 from .registry import Announcer, WorkerInfo, snapshot
 from .state import STATUS_NAMES, PartitionStore, Timer
 from .web import App, WebServer
@@ -40,10 +40,6 @@ MAX_LIMIT = 1000
 _WILDCARDS = ("", "0.0.0.0", "::")
 
 
-def _iso(ms: int | None) -> str | None:
-    return None if ms is None else from_ms(ms).isoformat()
-
-
 def deferral_view(rec: dict[str, Any]) -> dict[str, Any]:
     """A held deferral as JSON: everything but the payload bytes and header values."""
     return {
@@ -51,9 +47,9 @@ def deferral_view(rec: dict[str, Any]) -> dict[str, Any]:
         "name": rec["name"],
         "queue": rec["queue"],
         "priority": rec["priority"],
-        "due_at": _iso(rec["due_at"]),
+        "due_at": iso_ms(rec["due_at"]),
         "due_ms": rec["due_at"],
-        "deferred_at": _iso(rec["deferred_at"]),
+        "deferred_at": iso_ms(rec["deferred_at"]),
         "reason": rec["reason"],
         "attempt": rec["attempt"],
         "content_type": rec["content_type"],
@@ -190,7 +186,7 @@ class Monitor:
                             "partition": p,
                             "held": count,
                             "held_exact": exact,
-                            "next_due": _iso(due),
+                            "next_due": iso_ms(due),
                             "next_due_ms": due,
                             "overdue_s": max(0, now - due) / 1000 if due is not None else 0.0,
                             "restoring": False,
@@ -211,8 +207,8 @@ class Monitor:
         return {
             "worker_id": self.worker_id,
             "url": self.url,
-            "now": _iso(now),
-            "started_at": _iso(self.started_at_ms),
+            "now": iso_ms(now),
+            "started_at": iso_ms(self.started_at_ms),
             "healthy": self.healthy()[0],
             "ready": self.ready()[0],
             "tiers": tiers,
@@ -264,7 +260,7 @@ class Monitor:
                         status, at = marker
                         return {
                             "state": STATUS_NAMES.get(status, "finished"),
-                            "at": _iso(at),
+                            "at": iso_ms(at),
                             "defer_id": defer_id,
                             **where,
                         }
