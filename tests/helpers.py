@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -29,6 +29,8 @@ from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.models import DeliveredEvent, now_ms
 from ensync_kafka.runner import Worker
 from ensync_kafka.topics import TopicNames
+
+T = TypeVar("T")
 
 POLL_S = 0.2
 WORKER_READY_TIMEOUT_S = 60.0
@@ -84,20 +86,22 @@ def pipeline_config(prefix: str, bootstrap: str, state_dir: Path, **kwargs: Any)
 
 
 def wait_until(
-    predicate: Callable[[], bool],
+    predicate: Callable[[], T | None],
     *,
     timeout: float,
     what: str,
     interval: float = 0.05,
     describe: Callable[[], str] | None = None,
-) -> None:
-    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds saying ``what``."""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that; fail the test
+    after ``timeout`` seconds saying ``what``."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (result := predicate()):
         if time.monotonic() >= deadline:
-            detail = f": {describe()}" if describe else ""
+            detail = f": {describe()}" if describe else f"; last: {result!r}"
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+    return result
 
 
 # -- an in-process worker -------------------------------------------------------------------------

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from ensync_kafka import DeferClient, Worker, ensure_topics
+from ensync_kafka import DeferClient, ensure_topics
 from ensync_kafka.auditstore import AuditStore
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.exceptions import ConfigError
+from tests.helpers import WorkerThread
 
 WAIT_S = 30.0
 
@@ -34,20 +32,6 @@ def _config(bootstrap: str, prefix: str, tmp_path: Path) -> Config:
     )
 
 
-@contextmanager
-def _running(config: Config) -> Iterator[Worker]:
-    worker = Worker(config)
-    assert worker.monitor is None  # port 0: no HTTP server
-    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False})
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        thread.join(60)
-    assert not worker.errors
-
-
 def _sync_until(store: AuditStore, count: int) -> None:
     deadline = time.monotonic() + WAIT_S
     while store.count() < count:
@@ -62,7 +46,8 @@ def test_audit_query_resume_and_rebuild(
 ) -> None:
     config = _config(kafka_bootstrap, unique_prefix, tmp_path)
     assert ensure_topics(config).ok
-    with _running(config), DeferClient(config) as client:
+    with WorkerThread(config) as running, DeferClient(config) as client:
+        assert running.worker.monitor is None  # port 0: no HTTP server
         invoices = [
             client.defer("invoice.remind", {"n": i}, delay=3600, reason=f"Invoice #{i} overdue")
             for i in range(5)

@@ -7,22 +7,21 @@ sentinel is out, anything due before it that was going to be released has been.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from ensync_kafka import DeferClient, Worker, ensure_topics
+from ensync_kafka import DeferClient, ensure_topics
 from ensync_kafka.codec import DELIVERED, INVALID
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.control import CONTROL, OP_HEADER
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
+from tests.helpers import WorkerThread
 
 WAIT_S = 30.0
 
@@ -44,19 +43,6 @@ def _config(bootstrap: str, prefix: str, state: Path) -> Config:
         },
         environ={},
     )
-
-
-@contextmanager
-def _running(config: Config) -> Iterator[Worker]:
-    worker = Worker(config)
-    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False})
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        thread.join(60)
-    assert not worker.errors
 
 
 class Deliveries:
@@ -98,7 +84,7 @@ def setup(
     assert ensure_topics(config).ok
     client = DeferClient(config)
     deliveries = Deliveries(config)
-    with _running(config):
+    with WorkerThread(config):
         yield config, client, deliveries
     deliveries.close()
     client.close()

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pytest
-
-from ensync_kafka import DeferClient, Worker, ensure_topics
+from ensync_kafka import DeferClient, ensure_topics
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.models import to_ms
 from ensync_kafka.query import Cluster
+from tests.helpers import WorkerThread, wait_until
 
 WAIT_S = 60.0
-T = TypeVar("T")
 
 
 def _config(bootstrap: str, prefix: str, state: Path, worker_id: str) -> Config:
@@ -39,32 +33,6 @@ def _config(bootstrap: str, prefix: str, state: Path, worker_id: str) -> Config:
         },
         environ={},
     )
-
-
-def _wait(what: str, probe: Callable[[], T | None], timeout: float = WAIT_S) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-
-
-@contextmanager
-def _running(config: Config) -> Iterator[Worker]:
-    worker = Worker(config)
-    thread = threading.Thread(target=worker.run, kwargs={"install_signal_handlers": False})
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        thread.join(60)
-        assert not thread.is_alive(), "worker did not stop"
-    assert not worker.errors
 
 
 def _http(port: int, path: str) -> int:
@@ -97,7 +65,8 @@ def test_status_upcoming_show_across_two_workers(
     cluster = Cluster(c1)
     client = DeferClient(c1)
     try:
-        with _running(c1) as w1, _running(c2) as w2:
+        with WorkerThread(c1) as t1, WorkerThread(c2) as t2:
+            w1, w2 = t1.worker, t2.worker
             receipts = []
             for i in range(12):
                 delay = 30 + i if i % 2 else 600 + 10 * i  # both tiers: 1m and 1h
@@ -111,8 +80,11 @@ def test_status_upcoming_show_across_two_workers(
                         queue="billing" if i % 3 == 0 else "default",
                     )
                 )
-            status = _wait(
-                "both workers to hold all 12", lambda: _settled(cluster, {"w1", "w2"}, 12)
+            status = wait_until(
+                lambda: _settled(cluster, {"w1", "w2"}, 12),
+                timeout=WAIT_S,
+                what="both workers to hold all 12",
+                interval=0.2,
             )
             by_tier = {t["tier"]: t for t in status["tiers"]}
             assert by_tier["1m"]["held"] == 6 and by_tier["1h"]["held"] == 6
@@ -166,8 +138,13 @@ def test_status_upcoming_show_across_two_workers(
 
             # w2 leaves: it withdraws from the registry and w1 takes over its partitions,
             # restoring them from the changelog with nothing lost.
-            w2.stop()
-            _wait("w1 alone to hold all 12", lambda: _settled(cluster, {"w1"}, 12))
+            t2.stop()
+            wait_until(
+                lambda: _settled(cluster, {"w1"}, 12),
+                timeout=WAIT_S,
+                what="w1 alone to hold all 12",
+                interval=0.2,
+            )
             assert [i["defer_id"] for i in cluster.upcoming(limit=100)["items"]] == expected
     finally:
         client.close()
