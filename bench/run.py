@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -609,6 +610,65 @@ def section_a(bench: Bench, n: int) -> dict[str, Any]:
     return result
 
 
+# -- (b) and (c): a worker and a receiver around the sending -----------------------------------
+
+PIPELINE_TIERS = ["1s", "10s"]
+
+
+@dataclass
+class PipelineRun:
+    """What :func:`pipeline_run` started; ``worker_info`` is filled as it stops them."""
+
+    workers: list[WorkerProc]
+    rx: ReceiverProc
+    worker_info: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def pipeline_run(
+    bench: Bench,
+    config: Config,
+    config_path: Path,
+    section: str,
+    expected: int,
+    *,
+    per_tier: bool,
+    profile: Path | None,
+    profile_clock: str,
+) -> Iterator[PipelineRun]:
+    """Worker process(es) for tiers 1s and 10s and a receiving process awaiting ``expected``
+    deliveries; both are stopped on the way out, whatever happened."""
+    workers = start_workers(
+        bench,
+        config_path,
+        PIPELINE_TIERS,
+        section,
+        per_tier=per_tier,
+        profile=profile,
+        profile_clock=profile_clock,
+    )
+    rx = None
+    run = None
+    try:
+        rx = start_receiver(
+            bench,
+            section,
+            TopicNames(config.prefix).queue("default"),
+            expected,
+            "delivered",
+            partitions=config.topics.priority.partitions,
+        )
+        run = PipelineRun(workers=workers, rx=rx)
+        yield run
+    finally:
+        if rx is not None and rx.process.is_alive():
+            rx.stop.set()
+            rx.process.join(30)
+        info = [stop_worker(w) for w in workers]
+        if run is not None:
+            run.worker_info = info
+
+
 # -- (b) deferral throughput ------------------------------------------------------------------
 
 
@@ -627,25 +687,17 @@ def section_b(
     config, path = bench.config(prefix, section, catchup_rate=THROUGHPUT_CATCHUP_RATE)
     ensure_topics(config)
     log(f"(b{' profiled' if profile else ''}) {n} deferrals, delays U{THROUGHPUT_DELAY_S}s")
-    workers = start_workers(
+    with pipeline_run(
         bench,
+        config,
         path,
-        ["1s", "10s"],
         section,
+        n,
         per_tier=per_tier,
         profile=profile,
         profile_clock=profile_clock,
-    )
-    rx = None
-    try:
-        rx = start_receiver(
-            bench,
-            section,
-            TopicNames(prefix).queue("default"),
-            n,
-            "delivered",
-            partitions=config.topics.priority.partitions,
-        )
+    ) as pipeline:
+        workers = pipeline.workers
         rng = random.Random(seed)
         requests = [
             _request(i, rng.uniform(*THROUGHPUT_DELAY_S), rng.randint(1, 5)) for i in range(n)
@@ -661,14 +713,10 @@ def section_b(
         cpu_send = time.process_time() - cpu0
         log(f"({section}) sent {n} in {t_sent - t0:.1f}s ({n / (t_sent - t0):.0f}/s)")
         client.close()
-        got = finish_receiver(rx, sending_done=t_sent, timeout_s=max(600.0, n / 500))
+        got = finish_receiver(pipeline.rx, sending_done=t_sent, timeout_s=max(600.0, n / 500))
         wcpu1, bcpu1 = _cpu_sum(workers), _cpu_s(bench.broker_pid)
         rss = _rss_mb(workers)
-    finally:
-        if rx is not None and rx.process.is_alive():
-            rx.stop.set()
-            rx.process.join(30)
-        worker_info = [stop_worker(w) for w in workers]
+    worker_info = pipeline.worker_info
     delivered = _delivery_summary(got, sent_ids)
     e2e_s = (delivered["last_receive"] or t0) - t0
     first_rx = delivered["first_receive"]
@@ -677,7 +725,7 @@ def section_b(
         "defer_many_batch": batch,
         "delays_s": list(THROUGHPUT_DELAY_S),
         "priorities": "uniform 1..5",
-        "worker_tiers": ["1s", "10s"],
+        "worker_tiers": PIPELINE_TIERS,
         "worker_processes": len(workers),
         "worker_catchup_rate": THROUGHPUT_CATCHUP_RATE,
         "profiled": profile is not None,
@@ -736,25 +784,17 @@ def section_c(
     ensure_topics(config)
     total = int(rate * seconds)
     log(f"(c) lateness: {rate}/s for {seconds:.0f}s ({total} deferrals), delays U{LOAD_DELAY_S}s")
-    workers = start_workers(
+    with pipeline_run(
         bench,
+        config,
         path,
-        ["1s", "10s"],
         section,
+        total,
         per_tier=per_tier,
         profile=profile,
         profile_clock=profile_clock,
-    )
-    rx = None
-    try:
-        rx = start_receiver(
-            bench,
-            section,
-            TopicNames(prefix).queue("default"),
-            total,
-            "delivered",
-            partitions=config.topics.priority.partitions,
-        )
+    ) as pipeline:
+        workers = pipeline.workers
         rng = random.Random(seed)
         client = DeferClient(config)
         sent_ids: set[str] = set()
@@ -779,14 +819,10 @@ def section_c(
             batches += 1
         t_sent = time.time()
         client.close()
-        got = finish_receiver(rx, sending_done=t_sent, timeout_s=seconds + 300)
+        got = finish_receiver(pipeline.rx, sending_done=t_sent, timeout_s=seconds + 300)
         wcpu1 = _cpu_sum(workers)
         rss = _rss_mb(workers)
-    finally:
-        if rx is not None and rx.process.is_alive():
-            rx.stop.set()
-            rx.process.join(30)
-        worker_info = [stop_worker(w) for w in workers]
+    worker_info = pipeline.worker_info
     delivered = _delivery_summary(got, sent_ids)
     result = {
         "profiled": profile is not None,
@@ -797,7 +833,7 @@ def section_c(
         "delays_s": list(LOAD_DELAY_S),
         "defer_many_calls": batches,
         "max_batch": max_behind,
-        "worker_tiers": ["1s", "10s"],
+        "worker_tiers": PIPELINE_TIERS,
         "worker_processes": len(workers),
         "worker_catchup_rate": config.worker.catchup_rate,
         "worker_rss_mb": rss,
