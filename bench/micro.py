@@ -3,18 +3,18 @@
     .venv/bin/python -m bench.micro [--n 50000]
 
 Prints microseconds per operation for what the tier worker does to every deferral (Avro encode
-and decode of each record it writes, the audit records, the RocksDB state operations), plus two
-candidate shortcuts measured side by side with what the library does now:
+and decode of each record it writes, the audit records, the RocksDB state operations), each
+beside what it replaced:
 
-* a DeliveredEvent built by appending ``delivered_at`` and ``tier`` to the Deferral bytes
-  (DeliveredEvent's fields are Deferral's fields plus those two, in order, so schemaless Avro
-  bytes concatenate), checked byte-for-byte against ``DELIVERED.encode``;
-* finding the next due timer with ``seek(floor)`` instead of ``seek_to_first()`` once many
-  timers were released (their tombstones sit before the first live key).
+* the DeliveredEvent appended to the held Deferral bytes (``codec.delivered_from_deferral``)
+  beside encoding it in full;
+* the next due timer found from the store's scan floor beside a ``seek_to_first()`` that wades
+  through the tombstones of released timers.
 
-``--rss`` adds the resident memory of 6 ``PartitionStore`` s holding 1,000,000 timers between
-them (what a 1h tier worker with 6 partitions holds in section (d) of ``bench.run``), each
-variant in a fresh process: the library's options as they are, and smaller RocksDB memtables.
+``--rss`` adds the resident memory of 6 ``PartitionStore`` s sharing one ``StateMemory``, as a
+worker's do, holding 1,000,000 timers between them (what a 1h tier worker with 6 partitions holds
+in section (d) of ``bench.run``), each variant in a fresh process: the worker's defaults, and a
+smaller memtable budget.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ from typing import Any
 import fastavro
 
 from ensync_kafka import audit
-from ensync_kafka.codec import DEFERRAL, DELIVERED, MAGIC, MARKER
-from ensync_kafka.state import _DUE, MARKER_PREFIX, TIMER, PartitionStore, timer_key
+from ensync_kafka.codec import DEFERRAL, DELIVERED, MAGIC, MARKER, delivered_from_deferral
+from ensync_kafka.config import DEFAULT_STATE_CACHE_BYTES, DEFAULT_STATE_MEMTABLE_BYTES
+from ensync_kafka.state import _DUE, MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
+
+from .run import sample_deferral
 
 
 def _per_op_us(fn: Callable[[], Any], n: int) -> float:
@@ -48,46 +51,12 @@ def _per_op_us(fn: Callable[[], Any], n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def _deferral(i: int, now: int) -> dict[str, Any]:
-    return {
-        "defer_id": uuid.uuid4().hex,
-        "name": "bench.event",
-        "payload": json.dumps({"seq": i, "tag": "ensync-kafka-bench"}).encode(),
-        "content_type": "application/json",
-        "key": None,
-        "headers": [],
-        "priority": 1 + i % 5,
-        "queue": "default",
-        "deferred_at": now,
-        "due_at": now + 1000 + i,
-        "reason": "bench",
-        "attempt": 1,
-        "history": [],
-    }
-
-
-def _zigzag_long(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def delivered_by_append(deferral_value: bytes, delivered_at: int, tier: str) -> bytes:
-    """DeliveredEvent bytes from Deferral bytes: the two extra fields appended."""
-    t = tier.encode()
-    return deferral_value + _zigzag_long(delivered_at) + _zigzag_long(len(t)) + t
-
-
 def codec_costs(n: int) -> dict[str, float]:
     now = int(time.time() * 1000)
-    rec = _deferral(7, now)
+    rec = sample_deferral(7, now)
     value = DEFERRAL.encode(rec)
     delivered = {**rec, "delivered_at": now, "tier": "10s"}
-    assert delivered_by_append(value, now, "10s") == DELIVERED.encode(delivered)
+    assert delivered_from_deferral(value, now, "10s") == DELIVERED.encode(delivered)
     marker = {"defer_id": rec["defer_id"], "status": "DELIVERED", "at": now}
     marker_value = MARKER.encode(marker)
     parsed = DEFERRAL._parsed
@@ -115,9 +84,11 @@ def codec_costs(n: int) -> dict[str, float]:
         "Deferral encode (client only)": _per_op_us(lambda: DEFERRAL.encode(rec), n),
         "Deferral encode, reused BytesIO (alternative)": _per_op_us(reuse_buffer, n),
         "Deferral decode (worker: intake, fire)": _per_op_us(lambda: DEFERRAL.decode(value), n),
-        "DeliveredEvent encode (worker: fire)": _per_op_us(lambda: DELIVERED.encode(delivered), n),
-        "DeliveredEvent by appending to Deferral bytes (alternative)": _per_op_us(
-            lambda: delivered_by_append(value, now, "10s"), n
+        "DeliveredEvent encode in full (replaced)": _per_op_us(
+            lambda: DELIVERED.encode(delivered), n
+        ),
+        "DeliveredEvent appended to Deferral bytes (worker: fire)": _per_op_us(
+            lambda: delivered_from_deferral(value, now, "10s"), n
         ),
         "AuditRecord audit_value (worker: intake and fire)": _per_op_us(audit_record, n),
         "StateMarker encode (worker: fire)": _per_op_us(lambda: MARKER.encode(marker), n),
@@ -133,7 +104,7 @@ def tombstone_costs(released: int) -> dict[str, float]:
     try:
         store = PartitionStore(tmp / "p0")
         now = int(time.time() * 1000)
-        value = DEFERRAL.encode(_deferral(1, now))
+        value = DEFERRAL.encode(sample_deferral(1, now))
         done, live = [], []
         for i in range(released):
             done.append(timer_key(now + i, 1 + i % 5, uuid.uuid4().hex))
@@ -150,19 +121,18 @@ def tombstone_costs(released: int) -> dict[str, float]:
                 changes.append((TIMER + k, None))
                 changes.append((MARKER_PREFIX + k[9:], marker))
             store.apply(changes, None)
-        floor = _DUE.pack(now + released)
         timers = store._cf["timers"]
 
-        def seek_floor() -> int | None:
+        def seek_to_first() -> int | None:
             it = timers.iter()
-            it.seek(floor)
+            it.seek_to_first()
             return int(_DUE.unpack_from(it.key())[0]) if it.valid() else None
 
-        assert seek_floor() == store.next_due_ms()
+        assert seek_to_first() == store.next_due_ms()
         reps = 50
         result = {
-            "next_due_ms (seek_to_first)": _per_op_us(store.next_due_ms, reps),
-            "next_due_ms via seek(floor) (alternative)": _per_op_us(seek_floor, reps),
+            "next_due_ms (the store's scan floor)": _per_op_us(store.next_due_ms, reps),
+            "seek_to_first over the tombstones (no floor)": _per_op_us(seek_to_first, reps),
             "due(now - 1 s, now) with nothing due": _per_op_us(
                 lambda: store.due(now + released - 1000, now + released, 5000), reps
             ),
@@ -177,34 +147,24 @@ def tombstone_costs(released: int) -> dict[str, float]:
 
 
 RSS_VARIANTS = {
-    "library options as they are": None,
-    "write_buffer_size 8 MB per column family": 8 << 20,
-    "write_buffer_size 2 MB per column family": 2 << 20,
+    "worker defaults (worker.state_memtable_bytes 64 MiB)": DEFAULT_STATE_MEMTABLE_BYTES,
+    "worker.state_memtable_bytes 16 MiB": 16 << 20,
 }
 
 
-def held_rss(held: int, partitions: int, write_buffer_size: int | None) -> dict[str, float]:
-    """Fill ``partitions`` stores with ``held`` timers in 5,000-record batches; RSS in MB."""
+def held_rss(held: int, partitions: int, memtable_bytes: int) -> dict[str, float]:
+    """Fill ``partitions`` stores sharing one StateMemory, as a worker's do, with ``held``
+    timers in 5,000-record batches; RSS in MB."""
     import psutil
-    from rocksdict import Options
 
-    from ensync_kafka import state
-
-    if write_buffer_size is not None:
-        # The library builds every store's options with ``state.Options``: swap in a factory.
-        def options(*args: Any, **kwargs: Any) -> Any:
-            opts = Options(*args, **kwargs)
-            opts.set_write_buffer_size(write_buffer_size)
-            return opts
-
-        setattr(state, "Options", options)  # noqa: B010
     proc = psutil.Process()
     tmp = Path(tempfile.mkdtemp(prefix="ensync-micro-rss-"))
+    memory = StateMemory(DEFAULT_STATE_CACHE_BYTES, memtable_bytes)
     try:
-        stores = [PartitionStore(tmp / str(p)) for p in range(partitions)]
+        stores = [PartitionStore(tmp / str(p), memory) for p in range(partitions)]
         before = proc.memory_info().rss / 2**20
         now = int(time.time() * 1000)
-        value = DEFERRAL.encode(_deferral(1, now))
+        value = DEFERRAL.encode(sample_deferral(1, now))
         per = held // partitions
         started = time.perf_counter()
         for store in stores:

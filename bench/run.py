@@ -501,27 +501,29 @@ def _request(i: int, delay: float, priority: int) -> DeferRequest:
     )
 
 
-def sample_deferral_value(i: int = 123_456) -> bytes:
-    """A Deferral as DeferClient encodes it for the benchmark's events (for the baseline)."""
-    now = now_ms()
+def sample_deferral(i: int, now: int) -> dict[str, Any]:
+    """A Deferral record as DeferClient builds it for the benchmark's events."""
     payload = json.dumps({"seq": i, "tag": PAYLOAD_TAG}, separators=(",", ":")).encode()
-    return DEFERRAL.encode(
-        {
-            "defer_id": uuid.uuid4().hex,
-            "name": EVENT_NAME,
-            "payload": payload,
-            "content_type": "application/json",
-            "key": None,
-            "headers": [],
-            "priority": 1 + i % 5,
-            "queue": "default",
-            "deferred_at": now,
-            "due_at": now + 1000 + i % 1000,
-            "reason": "bench",
-            "attempt": 1,
-            "history": [],
-        }
-    )
+    return {
+        "defer_id": uuid.uuid4().hex,
+        "name": EVENT_NAME,
+        "payload": payload,
+        "content_type": "application/json",
+        "key": None,
+        "headers": [],
+        "priority": 1 + i % 5,
+        "queue": "default",
+        "deferred_at": now,
+        "due_at": now + 1000 + i % 1000,
+        "reason": "bench",
+        "attempt": 1,
+        "history": [],
+    }
+
+
+def sample_deferral_value(i: int = 123_456) -> bytes:
+    """That record encoded (the raw-Kafka baseline sends these)."""
+    return DEFERRAL.encode(sample_deferral(i, now_ms()))
 
 
 def _rate(n: int, seconds: float | None) -> float | None:
