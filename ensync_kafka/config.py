@@ -38,7 +38,6 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 DEFAULT_FIRE_BATCH_SIZE = 5000
 DEFAULT_INTAKE_BATCH_SIZE = 5000
 DEFAULT_MAX_COMMIT_INTERVAL_S = 0.05
-DEFAULT_POLL_INTERVAL_S = 0.1
 DEFAULT_RELEASE_LOOKAHEAD_S = 0.05
 DEFAULT_DELIVERED_RETENTION_S = 7 * 86400.0
 DEFAULT_CATCHUP_RATE_PER_S = 10_000.0
@@ -191,7 +190,6 @@ class WorkerConfig(_Frozen):
     fire_batch_size: int = Field(default=DEFAULT_FIRE_BATCH_SIZE, ge=1)
     intake_batch_size: int = Field(default=DEFAULT_INTAKE_BATCH_SIZE, ge=1)
     max_commit_interval: PositiveDuration = DEFAULT_MAX_COMMIT_INTERVAL_S
-    poll_interval: PositiveDuration = DEFAULT_POLL_INTERVAL_S
     release_lookahead: Duration = Field(default=DEFAULT_RELEASE_LOOKAHEAD_S, ge=0, le=1)
     """At most this far ahead, timers join the current transaction, which commits only once the
     last of them is due: read_committed consumers never see one early, and the transaction's

@@ -151,7 +151,6 @@ class TierWorker:
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
         self._queues = frozenset(config.queues)
-        self._changelog_end: dict[int, int] = {}
         # Monitoring (monitor.py) reads the stores from its own thread: ``lock`` guards the
         # ``stores`` mapping and store closing; ``restoring`` holds partitions not yet restored.
         self.lock = threading.RLock()

@@ -205,7 +205,7 @@ def test_unknown_key_names_the_path(data: dict, expected: str) -> None:
     [
         ({"worker": {"fire_batch_size": 0}}, "worker.fire_batch_size"),
         ({"worker": {"fire_batch_size": "many"}}, "worker.fire_batch_size"),
-        ({"worker": {"poll_interval": "soon"}}, "worker.poll_interval"),
+        ({"worker": {"catchup_grace": "soon"}}, "worker.catchup_grace"),
         ({"worker": {"max_commit_interval": 0}}, "worker.max_commit_interval"),
         ({"worker": {"delivered_retention": "-5s"}}, "worker.delivered_retention"),
         ({"worker": {"catchup_rate": 0}}, "worker.catchup_rate"),
