@@ -44,13 +44,19 @@ class _BenchHooks(WorkerHooks):
         self.transactions: dict[str, list[float]] = {}
 
     def on_commit(self, tier: str, accepted: int, duplicates: int, invalid: int) -> None:
-        # Called right after commit_transaction returned, before the on_delivered calls of
+        # Called right after commit_transaction returned, before the on_batch call of
         # the same turn: the released count of a turn is attributed at its next commit.
         released, self._released[tier] = self._released.get(tier, 0), 0
         self.commits.setdefault(tier, []).append((time.time(), accepted, released))
 
-    def on_delivered(self, tier: str, deferral: dict[str, Any], delivered_at_ms: int) -> None:
-        self._released[tier] = self._released.get(tier, 0) + 1
+    def on_batch(
+        self,
+        tier: str,
+        accepted: list[dict[str, Any]],
+        delivered: list[dict[str, Any]],
+        delivered_at_ms: int,
+    ) -> None:
+        self._released[tier] = self._released.get(tier, 0) + len(delivered)
 
     def on_transaction(self, tier: str, seconds: float, committed: bool) -> None:
         # Called by workers that report each transaction's duration (begin -> commit/abort).
@@ -129,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     hooks = _BenchHooks(tiers, config.topics.defer.partitions, args.ready)
     worker = Worker(config, tiers, hooks=hooks)
+    _dump = None
+    if os.environ.get("PHASES_OUT"):
+        sys.path.insert(0, "/tmp/exp")
+        import phases
+
+        _dump = phases.install(worker)
 
     profiles: list[cProfile.Profile] = []
     timer = time.thread_time if args.profile_clock == "cpu" else None

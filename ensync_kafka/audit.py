@@ -50,3 +50,26 @@ def audit_value(
             "outcome": outcome,
         }
     )
+
+
+def deferral_audit(
+    event: str, deferral: dict[str, Any], at_ms: int, *, tier: str, actor: str, reason: str
+) -> bytes:
+    """:func:`audit_value` for a step of a decoded Deferral, without the optional-field lookups:
+    a worker writes two of these per deferral."""
+    d = deferral
+    return AUDIT.encode(
+        {
+            "defer_id": d["defer_id"],
+            "event": event,
+            "at": at_ms,
+            "reason": reason,
+            "name": d["name"],
+            "queue": d["queue"],
+            "priority": d["priority"],
+            "tier": tier,
+            "due_at": d["due_at"],
+            "attempt": d["attempt"],
+            "actor": actor,
+        }
+    )

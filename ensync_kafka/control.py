@@ -82,8 +82,6 @@ class Effect:
     """What one control record does to a partition, for the worker to put in its turn."""
 
     changes: list[tuple[bytes, bytes | None]]
-    withdrawn: bytes | None
-    """The held timer key this request removes: it must not fire in the same turn."""
     audit: bytes
     outcome: str
     op: str
@@ -184,7 +182,6 @@ def apply(
     )
     return Effect(
         changes=changes,
-        withdrawn=held if changes else None,
         audit=audit,
         outcome=outcome,
         op=op,

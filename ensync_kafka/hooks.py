@@ -24,6 +24,23 @@ class WorkerHooks:
     def on_accepted(self, tier: str, deferral: dict[str, Any]) -> None:
         """A deferral was accepted and is held (its transaction committed)."""
 
+    def on_batch(
+        self,
+        tier: str,
+        accepted: list[dict[str, Any]],
+        delivered: list[dict[str, Any]],
+        delivered_at_ms: int,
+    ) -> None:
+        """Everything one committed transaction accepted and released, in one call.
+
+        By default it calls :meth:`on_accepted` and :meth:`on_delivered` per deferral; override
+        it instead of those to count in bulk (the worker's own metrics do).
+        """
+        for deferral in accepted:
+            self.on_accepted(tier, deferral)
+        for deferral in delivered:
+            self.on_delivered(tier, deferral, delivered_at_ms)
+
     def on_control(self, tier: str, op: str, outcome: str, deferral: dict[str, Any] | None) -> None:
         """A cancel or reschedule request was answered (its transaction committed).
 

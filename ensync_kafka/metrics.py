@@ -7,6 +7,7 @@ read from the tier workers at scrape time. Each worker has its own registry: not
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -138,25 +139,39 @@ class MetricsHooks(WorkerHooks):
             m.invalid.labels(tier).inc(invalid)
         self.inner.on_commit(tier, accepted, duplicates, invalid)
 
-    def on_accepted(self, tier: str, deferral: dict[str, Any]) -> None:
-        key = (tier, deferral["queue"], deferral["priority"])
-        child = self._accepted.get(key)
-        if child is None:
-            child = self._accepted[key] = self.metrics.accepted.labels(tier, key[1], str(key[2]))
-        child.inc()
-        self.inner.on_accepted(tier, deferral)
+    def on_batch(
+        self,
+        tier: str,
+        accepted: list[dict[str, Any]],
+        delivered: list[dict[str, Any]],
+        delivered_at_ms: int,
+    ) -> None:
+        # A transaction carries up to thousands of deferrals: one inc per label set, not per
+        # deferral (per-deferral hooks were ~8 % of a worker's CPU).
+        self._count(self._accepted, self.metrics.accepted, tier, accepted)
+        self._count(self._delivered, self.metrics.delivered, tier, delivered)
+        if delivered:
+            lateness = self._lateness.get(tier)
+            if lateness is None:
+                lateness = self._lateness[tier] = self.metrics.lateness.labels(tier)
+            observe = lateness.observe
+            for deferral in delivered:
+                observe(max(0.0, (delivered_at_ms - deferral["due_at"]) / 1000))
+        self.inner.on_batch(tier, accepted, delivered, delivered_at_ms)
 
-    def on_delivered(self, tier: str, deferral: dict[str, Any], delivered_at_ms: int) -> None:
-        key = (tier, deferral["queue"], deferral["priority"])
-        child = self._delivered.get(key)
-        if child is None:
-            child = self._delivered[key] = self.metrics.delivered.labels(tier, key[1], str(key[2]))
-        child.inc()
-        lateness = self._lateness.get(tier)
-        if lateness is None:
-            lateness = self._lateness[tier] = self.metrics.lateness.labels(tier)
-        lateness.observe(max(0.0, (delivered_at_ms - deferral["due_at"]) / 1000))
-        self.inner.on_delivered(tier, deferral, delivered_at_ms)
+    @staticmethod
+    def _count(
+        children: dict[tuple[str, str, int], Any],
+        counter: Any,
+        tier: str,
+        deferrals: list[dict[str, Any]],
+    ) -> None:
+        counts = collections.Counter((d["queue"], d["priority"]) for d in deferrals)
+        for (queue, priority), n in counts.items():
+            child = children.get((tier, queue, priority))
+            if child is None:
+                child = children[tier, queue, priority] = counter.labels(tier, queue, str(priority))
+            child.inc(n)
 
     def on_control(self, tier: str, op: str, outcome: str, deferral: dict[str, Any] | None) -> None:
         m = self.metrics

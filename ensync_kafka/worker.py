@@ -32,7 +32,7 @@ from confluent_kafka import (
 
 from . import audit, control
 from ._kafka import retrying, where
-from .codec import DEFERRAL, INVALID, MARKER, delivered_from_deferral
+from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
 from .hooks import WorkerHooks
@@ -69,16 +69,16 @@ class TierStats:
 class _Turn:
     """What one transaction will write, and what to do with local state once it commits."""
 
+    started: float = 0.0
+    """time.monotonic() when the turn began staging: its preparation time runs from here."""
     records: list[tuple[str, bytes | None, bytes | None, Any]] = field(default_factory=list)
     changelog: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
     first_offset: dict[int, int] = field(default_factory=dict)
     next_offset: dict[int, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
-    released: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
     admitted: list[dict[str, Any]] = field(default_factory=list)
     controls: list[control.Effect] = field(default_factory=list)
-    withdrawn: set[bytes] = field(default_factory=set)
-    """Timer keys a cancel/reschedule removed in this turn: they must not fire in it."""
     commit_not_before_ms: int = 0
     """The latest due time released in this turn: the commit waits for it."""
     accepted: int = 0
@@ -151,6 +151,11 @@ class TierWorker:
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
         self._queues = frozenset(config.queues)
+        self._priority_topics = {
+            (q, prio): self.names.priority(q, prio)
+            for q in config.queues
+            for prio in range(PRIORITY_MIN, PRIORITY_MAX + 1)
+        }
         # Monitoring (monitor.py) reads the stores from its own thread: ``lock`` guards the
         # ``stores`` mapping and store closing; ``restoring`` holds partitions not yet restored.
         self.lock = threading.RLock()
@@ -236,7 +241,10 @@ class TierWorker:
         """Consume a batch, release what is due, commit both in one transaction."""
         msgs = self.consumer.consume(self.config.worker.intake_batch_size, self._wait_s())
         now = now_ms()
-        turn = _Turn()
+        turn = _Turn(started=time.monotonic())
+        # Release first: the turn's intake work then overlaps the wait for the latest due time
+        # it pre-staged, and the lookahead (measured from here) accounts for it.
+        self._release(now, turn)
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -247,7 +255,6 @@ class TierWorker:
                 log.warning("tier %s: consumer error: %s", self.tier.name, err.str())
                 continue
             self._intake(msg, turn, now)
-        self._release(now, turn)
         self._expire_markers(now, turn)
         if not turn.empty:
             self._commit(turn)
@@ -308,11 +315,8 @@ class TierWorker:
         turn.admitted.append(rec)
         key = timer_key(rec["due_at"], rec["priority"], defer_id)
         turn.change(p, TIMER + key, value)
-        turn.emit(
-            self.names.audit,
-            defer_id.encode(),
-            self._audit(audit.DEFERRED, rec, now, rec["reason"]),
-        )
+        audit_value = self._audit(audit.DEFERRED, rec, now, rec["reason"])
+        turn.records.append((self.names.audit, key[9:], audit_value, None))
 
     def _control(
         self, op: bytes, msg: Message, store: PartitionStore, turn: _Turn, now: int
@@ -329,8 +333,6 @@ class TierWorker:
         )
         for key, value in effect.changes:
             turn.change(p, key, value)
-        if effect.withdrawn is not None:
-            turn.withdrawn.add(effect.withdrawn)
         turn.emit(self.names.audit, msg.key(), effect.audit)
         turn.controls.append(effect)
 
@@ -369,20 +371,14 @@ class TierWorker:
         )
 
     def _audit(self, event: str, rec: dict[str, Any], now: int, reason: str) -> bytes:
-        return audit.audit_value(
-            event,
-            defer_id=rec["defer_id"],
-            at_ms=now,
-            reason=reason,
-            deferral=rec,
-            tier=self.tier.name,
-            actor=self.actor,
+        return audit.deferral_audit(
+            event, rec, now, tier=self.tier.name, actor=self.actor, reason=reason
         )
 
     # -- release ------------------------------------------------------------------------------
 
     def _release(self, now: int, turn: _Turn) -> None:
-        due = self._due_timers(now, turn)
+        due = self._due_timers(now)
         if not due:
             return
         # Every release of the turn becomes visible when the turn commits, which is not before
@@ -390,10 +386,36 @@ class TierWorker:
         # That instant is the honest release stamp for all of them.
         released_at = max(now, max(timer.due_ms for _, timer in due))
         turn.commit_not_before_ms = released_at
+        # What every record of this release shares, encoded once.
+        delivered_tail = delivered_suffix(released_at, self.tier.name)
+        marker_delivered = marker_tail("DELIVERED", released_at)
+        records, changelog, released = turn.records, turn.changelog, turn.released
+        audit_topic, topics = self.names.audit, self._priority_topics
+        decode, audit_of, DELIVERED = DEFERRAL.decode, self._audit, audit.DELIVERED
         for p, timer in due:
-            self._fire(p, timer, released_at, turn)
+            value = timer.value
+            rec = decode(value)
+            id_bytes = timer.key[9:]
+            headers = rec["headers"]
+            records.append(
+                (
+                    topics[rec["queue"], rec["priority"]],
+                    rec["key"] or id_bytes,
+                    value + delivered_tail,
+                    [(h["key"], h["value"]) for h in headers] if headers else None,
+                )
+            )
+            records.append(
+                (audit_topic, id_bytes, audit_of(DELIVERED, rec, released_at, rec["reason"]), None)
+            )
+            changes = changelog.get(p)
+            if changes is None:
+                changes = changelog[p] = []
+            changes.append((TIMER + timer.key, None))
+            changes.append((MARKER_PREFIX + id_bytes, marker_value(id_bytes, marker_delivered)))
+            released.append(rec)
 
-    def _due_timers(self, now: int, turn: _Turn) -> list[tuple[int, Timer]]:
+    def _due_timers(self, now: int) -> list[tuple[int, Timer]]:
         """On-time timers (and those due within the lookahead) in due order, then the overdue
         backlog highest priority first, oldest first, paced by the catch-up bucket."""
         budget = self.config.worker.fire_batch_size
@@ -403,7 +425,7 @@ class TierWorker:
             if budget <= len(due):
                 return due
             timers = store.due(on_time_from, now + self._lookahead_ms + 1, budget - len(due))
-            due.extend((p, t) for t in timers if t.key not in turn.withdrawn)
+            due.extend((p, t) for t in timers)
         backlog = min(budget - len(due), self._bucket.available())
         released = 0
         for priority in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1):
@@ -413,28 +435,12 @@ class TierWorker:
                 (timer.key, p, timer)
                 for p, store in self.stores.items()
                 for timer in store.overdue(priority, on_time_from, backlog - released)
-                if timer.key not in turn.withdrawn
             )
             for _, p, timer in candidates[: backlog - released]:
                 due.append((p, timer))
                 released += 1
         self._bucket.spend(released)
         return due
-
-    def _fire(self, p: int, timer: Timer, released_at: int, turn: _Turn) -> None:
-        rec = DEFERRAL.decode(timer.value)
-        defer_id = rec["defer_id"]
-        id_bytes = defer_id.encode()
-        delivered = delivered_from_deferral(timer.value, released_at, self.tier.name)
-        headers = [(h["key"], h["value"]) for h in rec["headers"]]
-        topic = self.names.priority(rec["queue"], rec["priority"])
-        turn.emit(topic, rec["key"] or id_bytes, delivered, headers)
-        turn.change(p, TIMER + timer.key, None)
-        marker = MARKER.encode({"defer_id": defer_id, "status": "DELIVERED", "at": released_at})
-        turn.change(p, MARKER_PREFIX + id_bytes, marker)
-        audit_value = self._audit(audit.DELIVERED, rec, released_at, rec["reason"])
-        turn.emit(self.names.audit, id_bytes, audit_value)
-        turn.released.append((p, rec))
 
     def _expire_markers(self, now: int, turn: _Turn) -> None:
         if time.monotonic() < self._next_expiry:
@@ -456,15 +462,23 @@ class TierWorker:
                 p, offset = where(msg)
                 last_offsets[p] = offset
 
-        started = time.monotonic()
+        started = turn.started or time.monotonic()
+        produce, state_topic = producer.produce, self.state_topic
         try:
             producer.begin_transaction()
             for topic, key, value, headers in turn.records:
-                self._produce(topic, key, value, headers=headers)
+                try:
+                    produce(topic, value, key, headers=headers)
+                except BufferError:
+                    self._produce(topic, key, value, headers=headers)
             for p, changes in turn.changelog.items():
-                for i, (key, value) in enumerate(changes):
-                    cb = on_changelog if i == len(changes) - 1 else None
-                    self._produce(self.state_topic, key, value, partition=p, on_delivery=cb)
+                for key, value in changes[:-1]:
+                    try:
+                        produce(state_topic, value, key, p)
+                    except BufferError:
+                        self._produce(state_topic, key, value, partition=p)
+                key, value = changes[-1]  # its delivery report says how far the changelog got
+                self._produce(state_topic, key, value, partition=p, on_delivery=on_changelog)
             offsets = {**self.positions, **turn.next_offset}
             if offsets:
                 tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
@@ -497,12 +511,10 @@ class TierWorker:
         st.delivered += len(turn.released)
         st.controls += len(turn.controls)
         self.hooks.on_commit(self.tier.name, turn.accepted, turn.duplicates, turn.invalid)
-        for rec in turn.admitted:
-            self.hooks.on_accepted(self.tier.name, rec)
         for effect in turn.controls:
             self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
-        for _, rec in turn.released:
-            self.hooks.on_delivered(self.tier.name, rec, now_ms())
+        if turn.admitted or turn.released:
+            self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, now_ms())
 
     @property
     def _lookahead_ms(self) -> int:

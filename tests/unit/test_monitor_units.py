@@ -93,7 +93,7 @@ def test_cancel_of_a_held_deferral(tmp_path: Path) -> None:
     rec = decode(b"cancel", _msg(_control()))
     effect = apply(rec, store, [], now=9, tier="1m", actor="worker:w")
     key = timer_key(5_000, 3, "d1")
-    assert effect.outcome == "cancelled" and effect.withdrawn == key
+    assert effect.outcome == "cancelled"
     assert effect.changes[0] == (TIMER + key, None)
     marker_key, marker = effect.changes[1]
     assert marker_key == MARKER_PREFIX + b"d1" and marker is not None
@@ -127,7 +127,8 @@ def test_controls_see_what_the_same_turn_did(tmp_path: Path) -> None:
     assert DEFERRAL.decode(pending[-1][1])["due_at"] == 9_000  # type: ignore[arg-type]
     cancelled = apply(decode(b"cancel", _msg(_control())), store, pending, now=2, tier="1m",
                       actor="w")  # fmt: skip
-    assert cancelled.outcome == "cancelled" and cancelled.withdrawn == new_key
+    assert cancelled.outcome == "cancelled"
+    assert cancelled.changes[0] == (TIMER + new_key, None)
     store.apply(pending + cancelled.changes, None)
     assert store.held_key("d1") is None and store.marker("d1") is not None
     store.close()
