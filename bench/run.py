@@ -221,6 +221,8 @@ class Bench:
     tmp: Path
     broker_pid: int | None
     fetch_wait_ms: int = 50
+    workers: int = 1
+    """(b) and (c): worker processes sharing every tier (``--workers``)."""
     run_id: str = field(default_factory=lambda: f"{int(time.time())}-{uuid.uuid4().hex[:6]}")
     prefixes: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
@@ -312,6 +314,8 @@ def start_worker(
     section: str,
     profile: Path | None = None,
     profile_clock: str = "cpu",
+    *,
+    worker_id: str | None = None,
 ) -> WorkerProc:
     ready = bench.tmp / f"{section}.ready"
     log_path = bench.tmp / f"{section}.worker.log"
@@ -321,6 +325,9 @@ def start_worker(
     if profile is not None:
         cmd += ["--profile", str(profile), "--profile-clock", profile_clock]
     env = _bench_environ()
+    if worker_id is not None:  # one of several processes sharing the tiers' groups
+        cmd.append("--ready-share")
+        env["ENSYNC_WORKER__ID"] = worker_id
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log_file:
         popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -379,18 +386,28 @@ def start_workers(
     section: str,
     *,
     per_tier: bool,
+    workers: int = 1,
     profile: Path | None,
     profile_clock: str,
 ) -> list[WorkerProc]:
-    """One worker process for all ``tiers``, or one per tier (``--worker-per-tier``)."""
-    if not per_tier:
+    """One worker process for all ``tiers``, one per tier (``--worker-per-tier``), or
+    ``workers`` processes that all run every tier and share its partitions (``--workers``)."""
+    if not per_tier and workers == 1:
         return [start_worker(bench, config_path, tiers, section, profile, profile_clock)]
     procs: list[WorkerProc] = []
     try:
-        for tier in tiers:
-            prof = profile.with_name(f"{profile.stem}-{tier}.prof") if profile else None
+        if per_tier:
+            for tier in tiers:
+                prof = profile.with_name(f"{profile.stem}-{tier}.prof") if profile else None
+                name = f"{section}-{tier}"
+                procs.append(start_worker(bench, config_path, [tier], name, prof, profile_clock))
+        for n in range(workers if not per_tier else 0):
+            prof = profile.with_name(f"{profile.stem}-{n}.prof") if profile else None
+            name = f"{section}-w{n}"
             procs.append(
-                start_worker(bench, config_path, [tier], f"{section}-{tier}", prof, profile_clock)
+                start_worker(
+                    bench, config_path, tiers, name, prof, profile_clock, worker_id=f"bench-{n}"
+                )
             )
     except BaseException:
         for proc in procs:
@@ -646,6 +663,7 @@ def pipeline_run(
         PIPELINE_TIERS,
         section,
         per_tier=per_tier,
+        workers=bench.workers,
         profile=profile,
         profile_clock=profile_clock,
     )
@@ -1007,7 +1025,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- N: (a)/(b) {mode['n']:,}; (c) {mode['load_rate']:,}/s for {mode['load_seconds']:.0f} s;"
         f" (d) {mode['held']:,} held; defer_many batch {mode['batch']:,}; "
         f"{results['partitions']} partitions per defer/priority topic; (b)/(c) worker: "
-        f"{'one process per tier' if results.get('worker_per_tier') else 'one process'}",
+        f"{_layout(results)}",
         f"- Wall time of the run: {results.get('wall_s', 0):.0f} s",
         "",
         "| figure | measured | target | result |",
@@ -1175,6 +1193,13 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def _layout(results: dict[str, Any]) -> str:
+    if results.get("worker_per_tier"):
+        return "one process per tier"
+    n = results.get("workers", 1)
+    return "one process" if n == 1 else f"{n} processes, each running every tier"
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, set | tuple):
         return list(value)
@@ -1228,6 +1253,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="(b) and (c): one worker process per tier instead of one process for both",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="(b) and (c): this many worker processes, each running every tier, sharing the "
+        "partitions through the tiers' consumer groups [1]",
+    )
     parser.add_argument("--bootstrap", default=None, help="[$ENSYNC_KAFKA_BOOTSTRAP]")
     parser.add_argument("--n", type=int, default=None, help="records for (a) and (b)")
     parser.add_argument("--held", type=int, default=None, help="held deferrals for (d)")
@@ -1278,6 +1310,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp=tmp,
         broker_pid=broker_pid,
         fetch_wait_ms=args.fetch_wait_ms,
+        workers=args.workers,
     )
     log(
         f"{mode.name} mode on {bootstrap} ({env['cpu_count']} cores, Kafka {env['kafka']}); "
@@ -1288,6 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode.__dict__,
         "partitions": args.partitions,
         "worker_per_tier": args.worker_per_tier,
+        "workers": args.workers,
         "receiver_fetch_wait_ms": args.fetch_wait_ms,
         "sections": {},
         "errors": [],

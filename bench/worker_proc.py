@@ -5,7 +5,8 @@ It is the same ``Worker`` the ``ensync-kafka worker`` command runs, plus two thi
 needs and the CLI does not offer:
 
 * ``--ready FILE`` is created once every requested tier has all of its partitions assigned and
-  restored (``WorkerHooks.on_assigned``), so the clock starts on a worker that is ready;
+  restored (``WorkerHooks.on_assigned``), so the clock starts on a worker that is ready; with
+  ``--ready-share`` once it holds some of every tier (a process joining others in the group);
 * ``--profile FILE`` runs each tier thread under its own ``cProfile.Profile`` (cProfile sees only
   the thread that enabled it) and writes the merged stats to FILE on SIGTERM; by default it
   counts each thread's CPU time (``--profile-clock cpu``), not elapsed time.
@@ -33,8 +34,11 @@ from ensync_kafka.config import load_config
 class _BenchHooks(WorkerHooks):
     """Signals readiness; records when each transaction committed and what it released."""
 
-    def __init__(self, tiers: list[str], partitions: int, ready: Path | None) -> None:
+    def __init__(
+        self, tiers: list[str], partitions: int, ready: Path | None, *, share: bool = False
+    ) -> None:
         self._want = {t: set(range(partitions)) for t in tiers}
+        self._share = share
         self._have: dict[str, set[int]] = {t: set() for t in tiers}
         self._ready = ready
         self._lock = threading.Lock()
@@ -84,8 +88,10 @@ class _BenchHooks(WorkerHooks):
     def on_assigned(self, tier: str, partitions: list[int]) -> None:
         with self._lock:
             self._have.setdefault(tier, set()).update(partitions)
+            have = self._have
             if self._ready is not None and all(
-                self._want[t] <= self._have.get(t, set()) for t in self._want
+                have.get(t) if self._share else self._want[t] <= have.get(t, set())
+                for t in self._want
             ):
                 self._ready.write_text(str(os.getpid()))
 
@@ -112,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--tiers", required=True, help="comma-separated tier names")
     parser.add_argument("--ready", type=Path, default=None)
+    parser.add_argument(
+        "--ready-share", action="store_true", help="ready once it holds a share of every tier"
+    )
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument(
         "--profile-clock",
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     environ = {k: v for k, v in os.environ.items() if k not in ("ENSYNC_PREFIX", "ENSYNC_CONFIG")}
     config = load_config(args.config, environ=environ)
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
-    hooks = _BenchHooks(tiers, config.topics.defer.partitions, args.ready)
+    hooks = _BenchHooks(tiers, config.topics.defer.partitions, args.ready, share=args.ready_share)
     worker = Worker(config, tiers, hooks=hooks)
     _dump = None
     if os.environ.get("PHASES_OUT"):
