@@ -144,12 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     hooks = _BenchHooks(tiers, config.topics.defer.partitions, args.ready, share=args.ready_share)
     worker = Worker(config, tiers, hooks=hooks)
-    _dump = None
-    if os.environ.get("PHASES_OUT"):
-        sys.path.insert(0, "/tmp/exp")
-        import phases
-
-        _dump = phases.install(worker)
 
     profiles: list[cProfile.Profile] = []
     timer = time.thread_time if args.profile_clock == "cpu" else None
