@@ -1328,6 +1328,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     suffix = "" if mode.name == "full" else f"-{mode.name}"
+    if args.worker_per_tier:
+        suffix += "-per-tier"
+    elif args.workers > 1:
+        suffix += f"-workers{args.workers}"
     stem = f"{stamp}-{env['git_sha']}{suffix}"
     runs: list[tuple[str, Any]] = []
     per_tier = args.worker_per_tier
