@@ -421,9 +421,11 @@ class TierWorker:
             rec = decode(value)
             id_bytes = timer.key[9:]
             headers = rec["headers"]
+            queue, priority = rec["queue"], rec["priority"]
             records.append(
                 (
-                    topics[rec["queue"], rec["priority"]],
+                    # A queue dropped from the config since intake still gets its delivery.
+                    topics.get((queue, priority)) or self.names.priority(queue, priority),
                     rec["key"] or id_bytes,
                     value + delivered_tail,
                     [(h["key"], h["value"]) for h in headers] if headers else None,
