@@ -55,7 +55,7 @@ from ensync_kafka.codec import DEFERRAL
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.models import now_ms
 
-from .receiver import receive
+from .receiver import percentiles, receive
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -777,6 +777,17 @@ def section_b(
     return result
 
 
+def _commit_lateness(worker_info: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Due time -> the worker's commit_transaction() returned, over every release of every
+    worker process (histograms from bench.worker_proc, merged)."""
+    values: list[float] = []
+    for info in worker_info:
+        histogram = info.get("transactions", {}).get("commit_lateness_ms", {})
+        for ms, count in histogram.items():
+            values.extend([float(ms)] * count)
+    return percentiles(values)
+
+
 def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(b - a, 2)
 
@@ -864,6 +875,7 @@ def section_c(
             else None
         ),
         "delivery": delivered,
+        "commit_lateness_ms": _commit_lateness(worker_info),
         "workers": worker_info,
     }
     lat = delivered["release_lateness_ms"]
@@ -1108,6 +1120,13 @@ def markdown(results: dict[str, Any]) -> str:
                 _fmt(rel["max"], " ms"),
                 f"≤ {TARGET_LATENESS_MAX_MS:.0f} ms",
                 _verdict(max_ok),
+            ),
+            (
+                "(c) commit lateness p50 / p99 / max (the worker's commit returned - due_at)",
+                " / ".join(_fmt(c["commit_lateness_ms"][k], "", 0) for k in ("p50", "p99"))
+                + f" / {_fmt(c['commit_lateness_ms']['max'], ' ms', 0)}",
+                "—",
+                "",
             ),
             (
                 "(c) receive lateness p50 / p99 / max (receive - due_at)",

@@ -46,6 +46,8 @@ class _BenchHooks(WorkerHooks):
         self.commits: dict[str, list[tuple[float, int, int]]] = {t: [] for t in tiers}
         self._released: dict[str, int] = dict.fromkeys(tiers, 0)
         self.transactions: dict[str, list[float]] = {}
+        self.commit_lateness: dict[int, int] = {}
+        """Milliseconds from due time to the committed release -> count, all tiers."""
 
     def on_commit(self, tier: str, accepted: int, duplicates: int, invalid: int) -> None:
         # Called right after commit_transaction returned, before the on_batch call of
@@ -61,13 +63,18 @@ class _BenchHooks(WorkerHooks):
         delivered_at_ms: int,
     ) -> None:
         self._released[tier] = self._released.get(tier, 0) + len(delivered)
+        # How late each release became visible: the commit had returned by delivered_at_ms.
+        late = self.commit_lateness
+        for deferral in delivered:
+            ms = max(0, delivered_at_ms - deferral["due_at"])
+            late[ms] = late.get(ms, 0) + 1
 
     def on_transaction(self, tier: str, seconds: float, committed: bool) -> None:
         # Called by workers that report each transaction's duration (begin -> commit/abort).
         self.transactions.setdefault(tier, []).append(seconds)
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"commit_lateness_ms": self.commit_lateness}
         for tier, rows in self.commits.items():
             busy = [r for r in rows if r[1] or r[2]]
             gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(rows))

@@ -19,7 +19,8 @@ class WorkerHooks:
         """A transaction committed with this much intake."""
 
     def on_delivered(self, tier: str, deferral: dict[str, Any], delivered_at_ms: int) -> None:
-        """A deferral was released (its transaction committed)."""
+        """A deferral was released; ``delivered_at_ms`` is when its commit returned (which can
+        be a little after the ``delivered_at`` stamped in the record: see WorkerConfig)."""
 
     def on_accepted(self, tier: str, deferral: dict[str, Any]) -> None:
         """A deferral was accepted and is held (its transaction committed)."""

@@ -518,6 +518,7 @@ class TierWorker:
             while now_ms() < turn.commit_not_before_ms:
                 time.sleep(0.0005)
             retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
+            committed_at = now_ms()
         except KafkaException as exc:
             self.hooks.on_transaction(self.tier.name, time.monotonic() - started, False)
             self._abort(turn, exc)
@@ -542,7 +543,7 @@ class TierWorker:
         for effect in turn.controls:
             self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
         if turn.admitted or turn.released:
-            self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, now_ms())
+            self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, committed_at)
 
     def _next_producer(self) -> None:
         self._turns += 1
