@@ -370,6 +370,8 @@ def stop_worker(proc: WorkerProc) -> dict[str, Any]:
     info["exit_code"] = proc.popen.returncode
     with contextlib.suppress(OSError, ValueError):
         info["transactions"] = json.loads(proc.commit_stats.read_text())
+        # Milliseconds -> count; read by _commit_lateness, too long to keep in the results.
+        info["commit_lateness_ms"] = info["transactions"].pop("commit_lateness_ms", {})
     text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
     info["stats"] = re.findall(r"tier (\S+): worker stopped \((.*)\)", text)
     info["warnings"] = len(re.findall(r" WARNING ", text))
@@ -738,6 +740,7 @@ def section_b(
         rss = _rss_mb(workers)
     worker_info = pipeline.worker_info
     delivered = _delivery_summary(got, sent_ids)
+    commit_lateness = _commit_lateness(worker_info)
     e2e_s = (delivered["last_receive"] or t0) - t0
     first_rx = delivered["first_receive"]
     result = {
@@ -767,6 +770,7 @@ def section_b(
             "broker_us_per_deferral": _per(bcpu0, bcpu1, n),
         },
         "delivery": delivered,
+        "commit_lateness_ms": commit_lateness,
         "workers": worker_info,
     }
     log(
@@ -779,11 +783,10 @@ def section_b(
 
 def _commit_lateness(worker_info: list[dict[str, Any]]) -> dict[str, float | None]:
     """Due time -> the worker's commit_transaction() returned, over every release of every
-    worker process (histograms from bench.worker_proc, merged)."""
+    worker process (histograms from bench.worker_proc, merged, then dropped from the info)."""
     values: list[float] = []
     for info in worker_info:
-        histogram = info.get("transactions", {}).get("commit_lateness_ms", {})
-        for ms, count in histogram.items():
+        for ms, count in info.pop("commit_lateness_ms", {}).items():
             values.extend([float(ms)] * count)
     return percentiles(values)
 
