@@ -1350,6 +1350,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     suffix = "" if mode.name == "full" else f"-{mode.name}"
+    if args.partitions != PARTITIONS:
+        suffix += f"-partitions{args.partitions}"
     if args.worker_per_tier:
         suffix += "-per-tier"
     elif args.workers > 1:
