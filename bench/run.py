@@ -223,6 +223,8 @@ class Bench:
     fetch_wait_ms: int = 50
     workers: int = 1
     """(b) and (c): worker processes sharing every tier (``--workers``)."""
+    per_tier: bool = False
+    """(b) and (c): one worker process per tier instead (``--worker-per-tier``)."""
     run_id: str = field(default_factory=lambda: f"{int(time.time())}-{uuid.uuid4().hex[:6]}")
     prefixes: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
@@ -387,28 +389,32 @@ def start_workers(
     tiers: list[str],
     section: str,
     *,
-    per_tier: bool,
-    workers: int = 1,
     profile: Path | None,
     profile_clock: str,
 ) -> list[WorkerProc]:
     """One worker process for all ``tiers``, one per tier (``--worker-per-tier``), or
-    ``workers`` processes that all run every tier and share its partitions (``--workers``)."""
-    if not per_tier and workers == 1:
+    ``bench.workers`` processes that all run every tier and share its partitions."""
+    if not bench.per_tier and bench.workers == 1:
         return [start_worker(bench, config_path, tiers, section, profile, profile_clock)]
+    # (name suffix, tiers it runs, worker id) of each process
+    layout: list[tuple[str, list[str], str | None]]
+    if bench.per_tier:
+        layout = [(tier, [tier], None) for tier in tiers]
+    else:
+        layout = [(f"w{n}", tiers, f"bench-{n}") for n in range(bench.workers)]
     procs: list[WorkerProc] = []
     try:
-        if per_tier:
-            for tier in tiers:
-                prof = profile.with_name(f"{profile.stem}-{tier}.prof") if profile else None
-                name = f"{section}-{tier}"
-                procs.append(start_worker(bench, config_path, [tier], name, prof, profile_clock))
-        for n in range(workers if not per_tier else 0):
-            prof = profile.with_name(f"{profile.stem}-{n}.prof") if profile else None
-            name = f"{section}-w{n}"
+        for suffix, its_tiers, worker_id in layout:
+            prof = profile.with_name(f"{profile.stem}-{suffix}.prof") if profile else None
             procs.append(
                 start_worker(
-                    bench, config_path, tiers, name, prof, profile_clock, worker_id=f"bench-{n}"
+                    bench,
+                    config_path,
+                    its_tiers,
+                    f"{section}-{suffix}",
+                    prof,
+                    profile_clock,
+                    worker_id=worker_id,
                 )
             )
     except BaseException:
@@ -653,7 +659,6 @@ def pipeline_run(
     section: str,
     expected: int,
     *,
-    per_tier: bool,
     profile: Path | None,
     profile_clock: str,
 ) -> Iterator[PipelineRun]:
@@ -664,8 +669,6 @@ def pipeline_run(
         config_path,
         PIPELINE_TIERS,
         section,
-        per_tier=per_tier,
-        workers=bench.workers,
         profile=profile,
         profile_clock=profile_clock,
     )
@@ -702,7 +705,6 @@ def section_b(
     seed: int,
     profile: Path | None = None,
     profile_clock: str = "cpu",
-    per_tier: bool = False,
 ) -> dict[str, Any]:
     section = "b-profiled" if profile else "b"
     prefix = bench.prefix("bp" if profile else "b")
@@ -715,7 +717,6 @@ def section_b(
         path,
         section,
         n,
-        per_tier=per_tier,
         profile=profile,
         profile_clock=profile_clock,
     ) as pipeline:
@@ -810,7 +811,6 @@ def section_c(
     seed: int,
     profile: Path | None = None,
     profile_clock: str = "cpu",
-    per_tier: bool = False,
 ) -> dict[str, Any]:
     section = "c-profiled" if profile else "c"
     prefix = bench.prefix("cp" if profile else "c")
@@ -824,7 +824,6 @@ def section_c(
         path,
         section,
         total,
-        per_tier=per_tier,
         profile=profile,
         profile_clock=profile_clock,
     ) as pipeline:
@@ -1333,6 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
         broker_pid=broker_pid,
         fetch_wait_ms=args.fetch_wait_ms,
         workers=args.workers,
+        per_tier=args.worker_per_tier,
     )
     log(
         f"{mode.name} mode on {bootstrap} ({env['cpu_count']} cores, Kafka {env['kafka']}); "
@@ -1358,20 +1358,15 @@ def main(argv: list[str] | None = None) -> int:
         suffix += f"-workers{args.workers}"
     stem = f"{stamp}-{env['git_sha']}{suffix}"
     runs: list[tuple[str, Any]] = []
-    per_tier = args.worker_per_tier
     if "a" in sections:
         runs.append(("a", lambda: section_a(bench, mode.n)))
     if "b" in sections:
-        runs.append(
-            ("b", lambda: section_b(bench, mode.n, mode.batch, seed=args.seed, per_tier=per_tier))
-        )
+        runs.append(("b", lambda: section_b(bench, mode.n, mode.batch, seed=args.seed)))
     if "c" in sections:
         runs.append(
             (
                 "c",
-                lambda: section_c(
-                    bench, mode.load_rate, mode.load_seconds, seed=args.seed, per_tier=per_tier
-                ),
+                lambda: section_c(bench, mode.load_rate, mode.load_seconds, seed=args.seed),
             )
         )
     if "d" in sections:
@@ -1389,7 +1384,6 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     profile=prof_path,
                     profile_clock=clock,
-                    per_tier=per_tier,
                 ),
             )
         )
@@ -1404,7 +1398,6 @@ def main(argv: list[str] | None = None) -> int:
                     seed=args.seed,
                     profile=prof_path,
                     profile_clock=clock,
-                    per_tier=per_tier,
                 ),
             )
         )
