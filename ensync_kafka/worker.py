@@ -488,7 +488,7 @@ class TierWorker:
                 p, offset = where(msg)
                 last_offsets[p] = offset
 
-        started = turn.started or time.monotonic()
+        started = turn.started
         produce, state_topic = producer.produce, self.state_topic
         try:
             producer.begin_transaction()

@@ -35,8 +35,12 @@ def test_metrics_count_a_batch_per_queue_and_priority() -> None:
         for i in range(5)
     ]
     hooks.on_batch("10s", deferrals[:2], deferrals, 1_250)
-    delivered = metrics.delivered.labels("10s", "default", "1")._value.get()
-    accepted = metrics.accepted.labels("10s", "default", "2")._value.get()
-    assert (delivered, accepted) == (3, 1)
-    assert metrics.lateness.labels("10s")._sum.get() == 5 * 0.25
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    flow = {"tier": "10s", "queue": "default"}
+    assert sample("ensync_deferrals_delivered_total", **flow, priority="1") == 3
+    assert sample("ensync_deferrals_accepted_total", **flow, priority="2") == 1
+    assert sample("ensync_delivery_lateness_seconds_sum", tier="10s") == 5 * 0.25
     assert len(inner.calls) == 7
