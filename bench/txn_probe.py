@@ -1,0 +1,197 @@
+"""What a Kafka transaction costs per partition it touches, on the broker at hand.
+
+    .venv/bin/python -m bench.txn_probe [--bootstrap HOST:PORT] [--rounds 200]
+
+A tier worker's turn is one transaction writing every priority, changelog and audit partition
+its releases and intake land on (up to ~40 with 6 partitions per topic). This probe times that
+shape of transaction with nothing else running, to separate the broker's and the client's share
+from the worker's:
+
+* **idempotent produce**: one record to each of P partitions, then ``flush()``, no transaction.
+  librdkafka sends one ProduceRequest per partition (confluentinc/librdkafka#1700) and an
+  idempotent producer keeps at most 5 in flight per broker, so P partitions take ~P/5 round trips.
+* **transaction**: ``begin``, 3 records to each of P partitions, ``flush`` (this includes the
+  AddPartitionsToTxn round trip), ``send_offsets_to_transaction``, ``commit_transaction``: each
+  phase's median, and the whole transaction's p50/p99. Two producers alternate, as the worker's do.
+* **lanes**: the same P partitions split between L producers whose transactions run at once (one
+  thread each): the time until all L committed, i.e. what a worker committing each tier
+  partition's releases in a transaction of its own would wait per turn.
+
+Prints a markdown table; every topic and consumer group it makes is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .run import _bootstrap
+
+VALUE = b"x" * 200
+RECORDS_PER_PARTITION = 3
+TIMEOUT_S = 30.0
+PRODUCER = {
+    # The tier worker's transactional producer settings (worker.py).
+    "linger.ms": 1,
+    "socket.nagle.disable": True,
+    "retry.backoff.ms": 2,
+    "retry.backoff.max.ms": 20,
+}
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def _q(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Probe:
+    def __init__(self, bootstrap: str, width: int) -> None:
+        self.bootstrap = bootstrap
+        self.run = uuid.uuid4().hex[:8]
+        self.topic = f"txn-probe-{self.run}"
+        self.source = f"{self.topic}-src"
+        self.group = f"txn-probe-{self.run}"
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        for future in self.admin.create_topics(
+            [NewTopic(self.topic, width, 1), NewTopic(self.source, width, 1)]
+        ).values():
+            future.result()
+        # A group member's metadata, so send_offsets_to_transaction does what the worker's does.
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": self.group})
+        self.consumer.subscribe([self.source])
+        deadline = time.monotonic() + TIMEOUT_S
+        while not self.consumer.assignment() and time.monotonic() < deadline:
+            self.consumer.poll(0.1)
+        self.metadata = self.consumer.consumer_group_metadata()
+        self._producers = 0
+
+    def producer(self, **extra: Any) -> Producer:
+        self._producers += 1
+        return Producer({"bootstrap.servers": self.bootstrap, **PRODUCER, **extra})
+
+    def transactional(self) -> Producer:
+        producer = self.producer(**{"transactional.id": f"{self.group}-{self._producers}"})
+        producer.init_transactions(TIMEOUT_S)
+        return producer
+
+    def idempotent_flush(self, partitions: int, rounds: int) -> list[float]:
+        producer = self.producer(**{"enable.idempotence": True})
+        producer.produce(self.topic, VALUE, partition=0)
+        producer.flush(TIMEOUT_S)
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for p in range(partitions):
+                producer.produce(self.topic, VALUE, partition=p)
+            producer.flush(TIMEOUT_S)
+            times.append(_ms(time.perf_counter() - start))
+        return times
+
+    def _stage(self, producer: Producer, partitions: range) -> None:
+        producer.begin_transaction()
+        for _ in range(RECORDS_PER_PARTITION):
+            for p in partitions:
+                producer.produce(self.topic, VALUE, partition=p)
+
+    def _finish(self, producer: Producer, lane: int, offset: int) -> tuple[float, float, float]:
+        start = time.perf_counter()
+        producer.flush(TIMEOUT_S)
+        flushed = time.perf_counter()
+        offsets = [TopicPartition(self.source, lane, offset)]
+        producer.send_offsets_to_transaction(offsets, self.metadata, TIMEOUT_S)
+        sent = time.perf_counter()
+        producer.commit_transaction(TIMEOUT_S)
+        return _ms(flushed - start), _ms(sent - flushed), _ms(time.perf_counter() - sent)
+
+    def transactions(self, partitions: int, rounds: int) -> dict[str, float]:
+        producers = [self.transactional(), self.transactional()]
+        phases, totals = [], []
+        for n in range(rounds):
+            start = time.perf_counter()
+            producer = producers[n % 2]
+            self._stage(producer, range(partitions))
+            phases.append(self._finish(producer, 0, n))
+            totals.append(_ms(time.perf_counter() - start))
+        flush, offsets, commit = (statistics.median(x) for x in zip(*phases, strict=True))
+        return {
+            "flush": flush,
+            "offsets": offsets,
+            "commit": commit,
+            "p50": _q(totals, 0.5),
+            "p99": _q(totals, 0.99),
+        }
+
+    def lanes(self, partitions: int, lanes: int, rounds: int) -> list[float]:
+        share = partitions // lanes
+        producers = [[self.transactional(), self.transactional()] for _ in range(lanes)]
+        times = []
+        with ThreadPoolExecutor(lanes) as pool:
+            for n in range(rounds):
+                start = time.perf_counter()
+                futures = []
+                for lane in range(lanes):
+                    producer = producers[lane][n % 2]
+                    self._stage(producer, range(lane * share, (lane + 1) * share))
+                    futures.append(pool.submit(self._finish, producer, lane, n))
+                for future in futures:
+                    future.result()
+                times.append(_ms(time.perf_counter() - start))
+        return times
+
+    def close(self) -> None:
+        self.consumer.close()
+        for future in self.admin.delete_topics([self.topic, self.source]).values():
+            future.result()
+        for future in self.admin.delete_consumer_groups([self.group]).values():
+            future.result()
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap", default=None, help="[$ENSYNC_KAFKA_BOOTSTRAP]")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--partitions", default="1,8,20,40", help="partitions per transaction")
+    parser.add_argument("--lanes", default="1,2,3,6", help="lane counts splitting 36 partitions")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.partitions.split(",")]
+    lane_counts = [int(s) for s in args.lanes.split(",")]
+    probe = Probe(_bootstrap(args.bootstrap), max(*sizes, 36))
+    fmt: Callable[[float], str] = "{:.1f}".format
+    try:
+        print(_row("partitions", "idempotent produce, flush p50", "txn: flush / offsets / commit "
+                   "(p50 each)", "txn p50", "txn p99"))  # fmt: skip
+        print(_row(*["---"] * 5))
+        for size in sizes:
+            flush = probe.idempotent_flush(size, args.rounds)
+            txn = probe.transactions(size, args.rounds)
+            phases = " / ".join(fmt(txn[k]) for k in ("flush", "offsets", "commit"))
+            print(_row(size, fmt(_q(flush, 0.5)), phases, fmt(txn["p50"]), fmt(txn["p99"])))
+        print()
+        print(_row("36 partitions in L concurrent transactions", "round p50", "p90", "p99"))
+        print(_row(*["---"] * 4))
+        for lanes in lane_counts:
+            times = probe.lanes(36, lanes, args.rounds)
+            print(_row(f"L = {lanes}", *(fmt(_q(times, q)) for q in (0.5, 0.9, 0.99))))
+    finally:
+        probe.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
