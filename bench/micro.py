@@ -69,6 +69,8 @@ def codec_costs(n: int) -> dict[str, float]:
         fastavro.schemaless_writer(buf, parsed, rec)
         return buf.getvalue()
 
+    deferral_audit = audit.DeferralAudit(tier="10s", actor="worker:bench")
+
     def audit_record() -> bytes:
         return audit.audit_value(
             audit.DELIVERED,
@@ -90,7 +92,10 @@ def codec_costs(n: int) -> dict[str, float]:
         "DeliveredEvent appended to Deferral bytes (worker: fire)": _per_op_us(
             lambda: delivered_from_deferral(value, now, "10s"), n
         ),
-        "AuditRecord audit_value (worker: intake and fire)": _per_op_us(audit_record, n),
+        "AuditRecord audit_value (general; replaced in the worker)": _per_op_us(audit_record, n),
+        "AuditRecord DeferralAudit (worker: intake and fire)": _per_op_us(
+            lambda: deferral_audit(audit.DELIVERED, rec, now, "bench"), n
+        ),
         "StateMarker encode (worker: fire)": _per_op_us(lambda: MARKER.encode(marker), n),
         "StateMarker decode (PartitionStore.apply)": _per_op_us(
             lambda: MARKER.decode(marker_value), n

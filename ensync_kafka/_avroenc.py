@@ -48,7 +48,7 @@ def zigzag_long(n: int) -> bytes:
     return _varint_slow(z)
 
 
-def _string(value: str) -> bytes:
+def avro_string(value: str) -> bytes:
     data = value.encode()
     return zigzag_long(len(data)) + data
 
@@ -81,7 +81,7 @@ class _Generator:
 
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {
-            "_string": _string,
+            "_string": avro_string,
             "_bytes": _bytes,
             "_zz": zigzag_long,
             "_boolean": _boolean,

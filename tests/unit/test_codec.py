@@ -17,6 +17,7 @@ import avro.schema
 import pytest
 
 from ensync_kafka import SerializationError
+from ensync_kafka.audit import DeferralAudit
 from ensync_kafka.codec import (
     AUDIT,
     DEAD,
@@ -32,6 +33,9 @@ from ensync_kafka.codec import (
 )
 
 T0 = 1_700_000_000_123  # ms
+AUDIT_EVENTS = next(f for f in schema_json("AuditRecord")["fields"] if f["name"] == "event")[
+    "type"
+]["symbols"]
 HEADERS = [{"key": "trace-id", "value": b"abc"}, {"key": "empty", "value": None}]
 HISTORY = [{"attempt": 1, "at": T0 - 5000, "reason": "timeout"}]
 
@@ -194,6 +198,28 @@ def test_audit_optional_fields_may_be_null() -> None:
     assert decoded["name"] is None
     assert decoded["priority"] is None
     assert decoded["event"] == "REJECTED"
+
+
+@pytest.mark.parametrize("event", AUDIT_EVENTS)
+def test_deferral_audit_matches_the_general_encoder(event: str) -> None:
+    encode = DeferralAudit(tier="10s", actor="worker:w-é")
+    rec = {**DEFERRAL_RECORD, "due_at": T0 + 10**9, "attempt": 300, "defer_id": "d-" + "x" * 200}
+    general = AUDIT.encode(
+        {
+            "defer_id": rec["defer_id"],
+            "event": event,
+            "at": T0,
+            "reason": "why ünïcode",
+            "name": rec["name"],
+            "queue": rec["queue"],
+            "priority": rec["priority"],
+            "tier": "10s",
+            "due_at": rec["due_at"],
+            "attempt": rec["attempt"],
+            "actor": "worker:w-é",
+        }
+    )
+    assert encode(event, rec, T0, "why ünïcode") == general
 
 
 def test_timestamps_stay_int_milliseconds_in_python() -> None:
