@@ -57,10 +57,6 @@ PREP_ESTIMATE_WEIGHT = 0.2
 """Weight of the newest sample in the moving average of a transaction's preparation time."""
 MAX_BACKLOG_BURST_S = 0.1
 """The catch-up token bucket holds at most this many seconds' worth of releases."""
-DECODED_CACHE_ENTRIES = 20_000
-"""Deferrals kept decoded from intake to release, so one with a short delay is decoded once,
-not twice (4-8 us a decode here, bench.micro). Bounded, oldest out, because a worker may hold
-millions; about 1.5 KB each."""
 
 
 @dataclass
@@ -87,8 +83,7 @@ class _Turn:
     next_offset: dict[int, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     released: list[dict[str, Any]] = field(default_factory=list)
-    admitted: dict[bytes, dict[str, Any]] = field(default_factory=dict)
-    """Timer key -> the decoded Deferral it holds."""
+    admitted: list[dict[str, Any]] = field(default_factory=list)
     controls: list[control.Effect] = field(default_factory=list)
     commit_not_before_ms: int = 0
     """The latest due time released in this turn: the commit waits for it."""
@@ -169,8 +164,6 @@ class TierWorker:
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
         self._queues = frozenset(config.queues)
-        self._decoded: dict[bytes, dict[str, Any]] = {}
-        """Deferrals decoded at intake, by timer key, for their release (DECODED_CACHE_ENTRIES)."""
         self._priority_topics = {
             (q, prio): self.names.priority(q, prio)
             for q in config.queues
@@ -344,8 +337,8 @@ class TierWorker:
             return
         turn.seen.add(defer_id)
         turn.accepted += 1
+        turn.admitted.append(rec)
         key = timer_key(rec["due_at"], rec["priority"], defer_id)
-        turn.admitted[key] = rec
         turn.change(p, TIMER + key, value)
         audit_value = self._audit(audit.DEFERRED, rec, now, rec["reason"])
         turn.records.append((self.names.audit, key[9:], audit_value, None))
@@ -419,10 +412,9 @@ class TierWorker:
         records, changelog, released = turn.records, turn.changelog, turn.released
         audit_topic, topics = self.names.audit, self._priority_topics
         decode, audit_of, DELIVERED = DEFERRAL.decode, self._audit, audit.DELIVERED
-        decoded = self._decoded
         for p, timer in due:
             value = timer.value
-            rec = decoded.pop(timer.key, None) or decode(value)
+            rec = decode(value)
             id_bytes = timer.key[9:]
             headers = rec["headers"]
             queue, priority = rec["queue"], rec["priority"]
@@ -531,7 +523,6 @@ class TierWorker:
         self._next_producer()
         self.hooks.on_transaction(self.tier.name, time.monotonic() - started, True)
         self.positions.update(turn.next_offset)
-        self._remember_decoded(turn.admitted)
         for p, changes in turn.changelog.items():
             store = self.stores.get(p)
             if store is not None:
@@ -548,15 +539,7 @@ class TierWorker:
         for effect in turn.controls:
             self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
         if turn.admitted or turn.released:
-            self.hooks.on_batch(
-                self.tier.name, list(turn.admitted.values()), turn.released, committed_at
-            )
-
-    def _remember_decoded(self, admitted: dict[bytes, dict[str, Any]]) -> None:
-        decoded = self._decoded
-        decoded.update(admitted)
-        while len(decoded) > DECODED_CACHE_ENTRIES:  # the oldest first: dicts keep order
-            del decoded[next(iter(decoded))]
+            self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, committed_at)
 
     def _next_producer(self) -> None:
         self._turns += 1
@@ -652,7 +635,6 @@ class TierWorker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        self._decoded.clear()  # else the revoked partitions' entries wait to age out
         with self.lock:
             for p in numbers:
                 store = self.stores.pop(p, None)
