@@ -33,6 +33,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from .receiver import percentiles
 from .run import _bootstrap
 
 VALUE = b"x" * 200
@@ -49,11 +50,6 @@ PRODUCER = {
 
 def _ms(seconds: float) -> float:
     return seconds * 1000
-
-
-def _q(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Probe:
@@ -115,7 +111,7 @@ class Probe:
         producer.commit_transaction(TIMEOUT_S)
         return _ms(flushed - start), _ms(sent - flushed), _ms(time.perf_counter() - sent)
 
-    def transactions(self, partitions: int, rounds: int) -> dict[str, float]:
+    def transactions(self, partitions: int, rounds: int) -> dict[str, Any]:
         producers = [self.transactional(), self.transactional()]
         phases, totals = [], []
         for n in range(rounds):
@@ -125,13 +121,7 @@ class Probe:
             phases.append(self._finish(producer, 0, n))
             totals.append(_ms(time.perf_counter() - start))
         flush, offsets, commit = (statistics.median(x) for x in zip(*phases, strict=True))
-        return {
-            "flush": flush,
-            "offsets": offsets,
-            "commit": commit,
-            "p50": _q(totals, 0.5),
-            "p99": _q(totals, 0.99),
-        }
+        return {"flush": flush, "offsets": offsets, "commit": commit, **percentiles(totals)}
 
     def lanes(self, partitions: int, lanes: int, rounds: int) -> list[float]:
         share = partitions // lanes
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.partitions.split(",")]
     lane_counts = [int(s) for s in args.lanes.split(",")]
     probe = Probe(_bootstrap(args.bootstrap), max(*sizes, 36))
-    fmt: Callable[[float], str] = "{:.1f}".format
+    fmt: Callable[[Any], str] = "{:.1f}".format
     try:
         print(_row("partitions", "idempotent produce, flush p50", "txn: flush / offsets / commit "
                    "(p50 each)", "txn p50", "txn p99"))  # fmt: skip
@@ -181,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             flush = probe.idempotent_flush(size, args.rounds)
             txn = probe.transactions(size, args.rounds)
             phases = " / ".join(fmt(txn[k]) for k in ("flush", "offsets", "commit"))
-            print(_row(size, fmt(_q(flush, 0.5)), phases, fmt(txn["p50"]), fmt(txn["p99"])))
+            p50 = percentiles(flush)["p50"]
+            print(_row(size, fmt(p50), phases, fmt(txn["p50"]), fmt(txn["p99"])))
         print()
         print(_row("36 partitions in L concurrent transactions", "round p50", "p90", "p99"))
         print(_row(*["---"] * 4))
         for lanes in lane_counts:
-            times = probe.lanes(36, lanes, args.rounds)
-            print(_row(f"L = {lanes}", *(fmt(_q(times, q)) for q in (0.5, 0.9, 0.99))))
+            q = percentiles(probe.lanes(36, lanes, args.rounds))
+            print(_row(f"L = {lanes}", *(fmt(q[k]) for k in ("p50", "p90", "p99"))))
     finally:
         probe.close()
     return 0

@@ -92,11 +92,8 @@ class DeferralAudit:
 
 _NONE, _SOME = b"\x00", b"\x02"
 """The branch of a ["null", X] union: null, or X follows."""
-_EVENTS = {
-    symbol: zigzag_long(i)
-    for i, symbol in enumerate(
-        next(f for f in schema_json("AuditRecord")["fields"] if f["name"] == "event")["type"][
-            "symbols"
-        ]
-    )
-}
+EVENTS: tuple[str, ...] = tuple(
+    next(f for f in schema_json("AuditRecord")["fields"] if f["name"] == "event")["type"]["symbols"]
+)
+"""Every AuditEvent symbol, in the schema's order (its Avro encoding is the index)."""
+_EVENTS = {symbol: zigzag_long(i) for i, symbol in enumerate(EVENTS)}
