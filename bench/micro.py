@@ -40,7 +40,7 @@ from ensync_kafka.codec import DEFERRAL, DELIVERED, MAGIC, MARKER, delivered_fro
 from ensync_kafka.config import DEFAULT_STATE_CACHE_BYTES, DEFAULT_STATE_MEMTABLE_BYTES
 from ensync_kafka.state import _DUE, MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
 
-from .run import sample_deferral
+from .samples import sample_deferral
 
 
 def _per_op_us(fn: Callable[[], Any], n: int) -> float:

@@ -51,11 +51,11 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from ensync_kafka import DeferClient, DeferRequest, TopicNames, ensure_topics
-from ensync_kafka.codec import DEFERRAL
 from ensync_kafka.config import Config, config_from_mapping
-from ensync_kafka.models import now_ms
 
+from . import floor
 from .receiver import percentiles, receive
+from .samples import EVENT_NAME, PAYLOAD_TAG, sample_deferral_value
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -69,8 +69,6 @@ TARGET_LOAD_PER_S = 5_000
 TARGET_HELD = 1_000_000
 
 PARTITIONS = 6
-PAYLOAD_TAG = "ensync-kafka-bench"
-EVENT_NAME = "bench.event"
 THROUGHPUT_DELAY_S = (0.5, 2.0)
 LOAD_DELAY_S = (1.0, 3.0)
 HELD_DELAY_S = (3300.0, 3590.0)  # past the 10m span, within the 1h span: the 1h tier
@@ -526,31 +524,6 @@ def _request(i: int, delay: float, priority: int) -> DeferRequest:
     )
 
 
-def sample_deferral(i: int, now: int) -> dict[str, Any]:
-    """A Deferral record as DeferClient builds it for the benchmark's events."""
-    payload = json.dumps({"seq": i, "tag": PAYLOAD_TAG}, separators=(",", ":")).encode()
-    return {
-        "defer_id": uuid.uuid4().hex,
-        "name": EVENT_NAME,
-        "payload": payload,
-        "content_type": "application/json",
-        "key": None,
-        "headers": [],
-        "priority": 1 + i % 5,
-        "queue": "default",
-        "deferred_at": now,
-        "due_at": now + 1000 + i % 1000,
-        "reason": "bench",
-        "attempt": 1,
-        "history": [],
-    }
-
-
-def sample_deferral_value(i: int = 123_456) -> bytes:
-    """That record encoded (the raw-Kafka baseline sends these)."""
-    return DEFERRAL.encode(sample_deferral(i, now_ms()))
-
-
 def _rate(n: int, seconds: float | None) -> float | None:
     return round(n / seconds, 1) if seconds and seconds > 0 else None
 
@@ -885,7 +858,50 @@ def section_c(
         f"(c) release lateness p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms; "
         f"early {delivered['early_release']}"
     )
+    if not profile:
+        result["floor"] = section_c_floor(bench, rate, seconds)
     return result
+
+
+def section_c_floor(bench: Bench, rate: int, seconds: float) -> dict[str, Any]:
+    """(c)'s floor (bench/floor.py) on topics of its own, once the pipeline has stopped."""
+    prefix = bench.prefix("cf")
+    config, _ = bench.config(prefix, "cf")
+    ensure_topics(config)
+    n = int(rate * seconds)
+    topics = floor.priority_topics(TopicNames(prefix))
+    log(f"(c) floor: a bare transactional releaser, {rate}/s for {seconds:.0f}s")
+    rx = start_receiver(
+        bench, "cf", list(topics.values()), n, "delivered", partitions=bench.partitions
+    )
+    out = bench.tmp / "cf.floor.pickle"
+    spec = {"bootstrap": bench.bootstrap, "prefix": prefix, "n": n, "rate": rate, "topics": topics}
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=floor.release, args=(spec, ready, str(out)), name="floor")
+    proc.start()
+    try:
+        if not ready.wait(RECEIVER_READY_TIMEOUT_S):
+            raise RuntimeError(f"floor releaser not ready after {RECEIVER_READY_TIMEOUT_S}s")
+        proc.join(seconds + STALL_TIMEOUT_S)
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(10)
+        got = finish_receiver(rx, sending_done=time.time(), timeout_s=STALL_TIMEOUT_S)
+    if proc.exitcode != 0 or not out.exists():
+        raise RuntimeError(f"floor releaser exited with {proc.exitcode}")
+    with open(out, "rb") as fh:
+        done = pickle.load(fh)
+    delivered = _delivery_summary(got, {floor.floor_id(i) for i in range(n)})
+    lat = delivered["release_lateness_ms"]
+    log(f"(c) floor: release lateness p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms")
+    return {
+        "n": n,
+        "transactions": done["transactions"],
+        "delivery": delivered,
+        "commit_lateness_ms": percentiles(done["commit_lateness_ms"]),
+    }
 
 
 # -- (d) worker RSS with many held deferrals --------------------------------------------------
@@ -1137,6 +1153,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "—",
                 "",
             ),
+            *_floor_rows(c.get("floor")),
             (
                 "(c) early: released / received before due",
                 f"{d['early_release']} / {d['early_receive']}",
@@ -1212,6 +1229,27 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("profile_file"):
         notes.append(f"- Worker profile (same directory): `{results['profile_file']}`")
     return "\n".join(lines + notes) + "\n"
+
+
+def _floor_rows(f: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    if not f:
+        return []
+    d = f["delivery"]
+    rel, com, rec = d["release_lateness_ms"], f["commit_lateness_ms"], d["receive_lateness_ms"]
+
+    def three(q: dict[str, Any]) -> str:
+        return f"{_fmt(q['p50'])} / {_fmt(q['p99'])} / {_fmt(q['max'], ' ms')}"
+
+    once = d["unique"] == f["n"] and not d["duplicates"] and not d["missing"]
+    return [
+        (
+            "(c) floor, same load and run (bench/floor.py): release / commit / receive lateness "
+            "p50 / p99 / max",
+            f"{three(rel)}; {three(com)}; {three(rec)}",
+            "—",
+            "" if once else f"**{d['unique']:,} unique, {d['missing']} missing**",
+        )
+    ]
 
 
 def _layout(results: dict[str, Any]) -> str:
