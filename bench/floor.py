@@ -19,9 +19,13 @@ from typing import Any
 from confluent_kafka import Producer
 
 from ensync_kafka.codec import DEFERRAL, delivered_suffix
-from ensync_kafka.config import PRIORITY_MAX, PRIORITY_MIN
 from ensync_kafka.models import now_ms
-from ensync_kafka.worker import TRANSACTIONAL_PRODUCERS, TXN_TIMEOUT_S
+from ensync_kafka.topics import TopicNames
+from ensync_kafka.worker import (
+    TRANSACTIONAL_PRODUCER_SETTINGS,
+    TRANSACTIONAL_PRODUCERS,
+    TXN_TIMEOUT_S,
+)
 
 from .samples import sample_deferral
 
@@ -35,17 +39,13 @@ def floor_id(i: int) -> str:
 
 def release(spec: dict[str, Any], ready: Any, out_path: str) -> None:
     """Release ``spec["n"]`` records at ``spec["rate"]``/s; write the commit lateness and counts."""
-    n, rate, topics = spec["n"], spec["rate"], spec["topics"]
+    n, rate, names = spec["n"], spec["rate"], TopicNames(spec["prefix"])
     producers = [
         Producer(
             {
                 "bootstrap.servers": spec["bootstrap"],
                 "transactional.id": f"{spec['prefix']}.floor.{k}",
-                # The tier worker's producer settings (worker.py).
-                "linger.ms": 1,
-                "retry.backoff.ms": 2,
-                "retry.backoff.max.ms": 20,
-                "socket.nagle.disable": True,
+                **TRANSACTIONAL_PRODUCER_SETTINGS,
             }
         )
         for k in range(TRANSACTIONAL_PRODUCERS)
@@ -58,7 +58,8 @@ def release(spec: dict[str, Any], ready: Any, out_path: str) -> None:
     records = []
     for i in range(n):
         rec = {**sample_deferral(i, start), "defer_id": floor_id(i), "due_at": due[i]}
-        records.append((topics[rec["priority"]], floor_id(i).encode(), DEFERRAL.encode(rec)))
+        topic = names.priority(rec["queue"], rec["priority"])
+        records.append((topic, floor_id(i).encode(), DEFERRAL.encode(rec)))
     ready.set()
     commit_lateness: list[int] = []
     turns = 0
@@ -83,7 +84,3 @@ def release(spec: dict[str, Any], ready: Any, out_path: str) -> None:
         i = j
     with open(out_path, "wb") as fh:
         pickle.dump({"commit_lateness_ms": commit_lateness, "transactions": turns}, fh)
-
-
-def priority_topics(names: Any, queue: str = "default") -> dict[int, str]:
-    return {p: names.priority(queue, p) for p in range(PRIORITY_MIN, PRIORITY_MAX + 1)}

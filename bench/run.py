@@ -869,13 +869,11 @@ def section_c_floor(bench: Bench, rate: int, seconds: float) -> dict[str, Any]:
     config, _ = bench.config(prefix, "cf")
     ensure_topics(config)
     n = int(rate * seconds)
-    topics = floor.priority_topics(TopicNames(prefix))
+    topics = TopicNames(prefix).queue("default")
     log(f"(c) floor: a bare transactional releaser, {rate}/s for {seconds:.0f}s")
-    rx = start_receiver(
-        bench, "cf", list(topics.values()), n, "delivered", partitions=bench.partitions
-    )
+    rx = start_receiver(bench, "cf", topics, n, "delivered", partitions=bench.partitions)
     out = bench.tmp / "cf.floor.pickle"
-    spec = {"bootstrap": bench.bootstrap, "prefix": prefix, "n": n, "rate": rate, "topics": topics}
+    spec = {"bootstrap": bench.bootstrap, "prefix": prefix, "n": n, "rate": rate}
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     proc = ctx.Process(target=floor.release, args=(spec, ready, str(out)), name="floor")

@@ -33,19 +33,14 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from ensync_kafka.worker import TRANSACTIONAL_PRODUCER_SETTINGS
+
 from .receiver import percentiles
 from .run import _bootstrap
 
 VALUE = b"x" * 200
 RECORDS_PER_PARTITION = 3
 TIMEOUT_S = 30.0
-PRODUCER = {
-    # The tier worker's transactional producer settings (worker.py).
-    "linger.ms": 1,
-    "socket.nagle.disable": True,
-    "retry.backoff.ms": 2,
-    "retry.backoff.max.ms": 20,
-}
 
 
 def _ms(seconds: float) -> float:
@@ -75,7 +70,9 @@ class Probe:
 
     def producer(self, **extra: Any) -> Producer:
         self._producers += 1
-        return Producer({"bootstrap.servers": self.bootstrap, **PRODUCER, **extra})
+        return Producer(
+            {"bootstrap.servers": self.bootstrap, **TRANSACTIONAL_PRODUCER_SETTINGS, **extra}
+        )
 
     def transactional(self) -> Producer:
         producer = self.producer(**{"transactional.id": f"{self.group}-{self._producers}"})

@@ -52,6 +52,20 @@ markers on every partition it touched) after commit_transaction returns; the sam
 next AddPartitionsToTxn meanwhile gets CONCURRENT_TRANSACTIONS, which librdkafka retries after
 a fixed 20 ms. Measured: 8-10 of 400 back-to-back 40-partition transactions hit it with one
 producer, none with two. Both send the consumer group's offsets, so both are fenced alike."""
+TRANSACTIONAL_PRODUCER_SETTINGS: dict[str, Any] = {
+    "linger.ms": 1,
+    "queue.buffering.max.messages": 500_000,
+    # Back-to-back transactions meet CONCURRENT_TRANSACTIONS while the previous commit's markers
+    # are written; the default 100 ms backoff caps a worker at ~10 transactions/s
+    # (confluent-kafka-python #967, KAFKA-5477).
+    "retry.backoff.ms": 2,
+    "retry.backoff.max.ms": 20,
+    # Several small requests per transaction go out back to back: without TCP_NODELAY one can
+    # wait for the broker's delayed ACK.
+    "socket.nagle.disable": True,
+}
+"""A tier worker's transactional producers' settings beside the client's and its id (the
+benchmark's floor and txn_probe use them too, so they measure the worker's kind of producer)."""
 PREP_ESTIMATE_START_MS = 10.0
 PREP_ESTIMATE_WEIGHT = 0.2
 """Weight of the newest sample in the moving average of a transaction's preparation time."""
@@ -181,16 +195,7 @@ class TierWorker:
                     **client,
                     "transactional.id": transactional_id(config.prefix, tier.name, w.id, n),
                     "transaction.timeout.ms": int(w.transaction_timeout * 1000),
-                    "linger.ms": 1,
-                    "queue.buffering.max.messages": 500_000,
-                    # Back-to-back transactions meet CONCURRENT_TRANSACTIONS while the previous
-                    # commit's markers are written; the default 100 ms backoff caps a worker at
-                    # ~10 transactions/s (confluent-kafka-python #967, KAFKA-5477).
-                    "retry.backoff.ms": 2,
-                    "retry.backoff.max.ms": 20,
-                    # Several small requests per transaction go out back to back: without
-                    # TCP_NODELAY one can wait for the broker's delayed ACK.
-                    "socket.nagle.disable": True,
+                    **TRANSACTIONAL_PRODUCER_SETTINGS,
                 }
             )
             for n in range(TRANSACTIONAL_PRODUCERS)
