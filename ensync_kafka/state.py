@@ -49,6 +49,8 @@ _STATUS_BY_NAME = {"DELIVERED": STATUS_DELIVERED, "CANCELLED": STATUS_CANCELLED}
 STATUS_NAMES = {STATUS_DELIVERED: "delivered", STATUS_CANCELLED: "cancelled"}
 
 _COLUMN_FAMILIES = ("timers", "by_priority", "index", "markers", "marker_expiry", "meta")
+_POINT_LOOKUPS = frozenset({"timers", "index", "markers"})
+"""Families read by key, not only scanned: their tables get a Bloom filter."""
 
 
 def timer_key(due_ms: int, priority: int, defer_id: str) -> bytes:
@@ -81,6 +83,10 @@ class Timer:
 MEMTABLE_BYTES_PER_FAMILY = 8 * 1024 * 1024
 """RocksDB's default (64 MiB per column family, per store) would let 6 families x N partitions
 reach gigabytes before the shared budget flushes them."""
+BLOOM_BITS_PER_KEY = 10
+"""~1 % false positives. Each intake looks its defer_id up twice (held? delivered?) and almost
+always misses: without a filter a miss reads a block of every table file (9.2 us per intake
+against 2.3 with one, 300k held, bench-style ids), for ~1.25 MB of filter per million keys."""
 DEFAULT_CACHE_BYTES = 8 * 1024 * 1024
 DEFAULT_MEMTABLE_BYTES = 32 * 1024 * 1024
 
@@ -96,10 +102,12 @@ class StateMemory:
             memtable_bytes, False, self.cache
         )
 
-    def options(self) -> Options:
+    def options(self, *, point_lookups: bool = False) -> Options:
         opts = Options(raw_mode=True)
         table = BlockBasedOptions()
         table.set_block_cache(self.cache)
+        if point_lookups:
+            table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
         opts.set_block_based_table_factory(table)
         opts.set_write_buffer_manager(self.write_buffers)
         opts.set_write_buffer_size(MEMTABLE_BYTES_PER_FAMILY)
@@ -115,7 +123,9 @@ class PartitionStore:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         memory = memory or StateMemory()
-        cfs = {name: memory.options() for name in _COLUMN_FAMILIES}
+        cfs = {
+            name: memory.options(point_lookups=name in _POINT_LOOKUPS) for name in _COLUMN_FAMILIES
+        }
         self._db = Rdict(str(path), options=memory.options(), column_families=cfs)
         self._cf = {name: self._db.get_column_family(name) for name in _COLUMN_FAMILIES}
         self._h = {name: self._db.get_column_family_handle(name) for name in _COLUMN_FAMILIES}
