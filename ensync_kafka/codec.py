@@ -16,6 +16,7 @@ from typing import Any
 
 import fastavro
 
+from ._avrodec import compile_decoder
 from ._avroenc import compile_record, zigzag_long
 from .exceptions import SerializationError
 
@@ -62,12 +63,13 @@ def schema_json(name: str) -> dict[str, Any]:
 class Codec:
     """Encoder/decoder for one schema."""
 
-    __slots__ = ("_fast", "_parsed", "name")
+    __slots__ = ("_fast", "_parsed", "_read", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._parsed = fastavro.parse_schema(_strip_logical(schema_json(name)))
         self._fast = compile_record(schema_json(name), MAGIC)
+        self._read = compile_decoder(_strip_logical(schema_json(name)))
 
     def encode(self, record: dict[str, Any]) -> bytes:
         if self._fast is not None:
@@ -88,16 +90,25 @@ class Codec:
             raise SerializationError(
                 f"not an ensync {self.name} record: missing the {MAGIC!r} format marker"
             )
-        buf = io.BytesIO(data)
-        buf.seek(2)
-        try:
-            record: dict[str, Any] = fastavro.schemaless_reader(buf, self._parsed, None)  # type: ignore[assignment]
-        except Exception as exc:  # fastavro raises anything from EOFError to UnicodeDecodeError
-            raise SerializationError(f"cannot decode {self.name}: {exc}") from exc
-        if buf.tell() != len(data):
-            raise SerializationError(
-                f"cannot decode {self.name}: {len(data) - buf.tell()} trailing bytes"
-            )
+        if self._read is not None:
+            try:
+                record, end = self._read(data, len(MAGIC))
+            except IndexError:
+                end = len(data) + 1
+            except ValueError as exc:  # UnicodeDecodeError too
+                raise SerializationError(f"cannot decode {self.name}: {exc}") from exc
+        else:
+            buf = io.BytesIO(data)
+            buf.seek(len(MAGIC))
+            try:
+                record = fastavro.schemaless_reader(buf, self._parsed, None)  # type: ignore[assignment]
+            except Exception as exc:  # fastavro raises anything from EOFError to UnicodeDecodeError
+                raise SerializationError(f"cannot decode {self.name}: {exc}") from exc
+            end = buf.tell()
+        if end > len(data):
+            raise SerializationError(f"cannot decode {self.name}: the value ends early")
+        if end < len(data):
+            raise SerializationError(f"cannot decode {self.name}: {len(data) - end} trailing bytes")
         return record
 
 
