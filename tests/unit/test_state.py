@@ -225,6 +225,28 @@ def test_markers_and_expiry(store: PartitionStore) -> None:
     assert store.expired_markers(2**62, 10) == ["c", "a"]
 
 
+def test_markers_of_one_batch_sharing_a_tail_keep_their_own_status_and_time(
+    store: PartitionStore,
+) -> None:
+    """apply() decodes a tail (status, time) shared by several markers once: ids of every
+    length, and markers that differ only in status or time, must each still read back right."""
+    long_id = "L" * 64  # its length takes two zigzag bytes: no shared-tail shortcut
+    batch = [
+        marker("a", T0),
+        marker("b", T0),
+        marker(long_id, T0),
+        marker("c", T0, "CANCELLED"),
+        marker("d", T0 + 1),
+        marker("é", T0),
+    ]
+    store.apply(batch, next_offset=len(batch))
+    assert store.marker("a") == store.marker("b") == store.marker("é") == (STATUS_DELIVERED, T0)
+    assert store.marker(long_id) == (STATUS_DELIVERED, T0)
+    assert store.marker("c") == (STATUS_CANCELLED, T0)
+    assert store.marker("d") == (STATUS_DELIVERED, T0 + 1)
+    assert store.expired_markers(T0 + 1, 10) == sorted(["a", "b", "c", long_id, "é"])
+
+
 def test_delivering_a_timer_moves_it_to_a_marker(store: PartitionStore) -> None:
     store.apply([put("a", T0, 4)], next_offset=1)
     store.apply([tombstone("a", T0, 4), marker("a", T0 + 3)], next_offset=3)
