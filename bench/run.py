@@ -167,7 +167,7 @@ def environment(
 
     sha = git_sha or _git("rev-parse", "--short", "HEAD") or "nogit"
     dirty = not git_sha and bool(
-        _git("status", "--porcelain", "--", "ensync_kafka", "bench", "schemas")
+        _git("status", "--porcelain", "--", "ensync_kafka", "bench", "schemas", ":!bench/results")
     )
     load1, load5, _ = os.getloadavg()
     return {
