@@ -48,9 +48,14 @@ STATUS_CANCELLED = 2
 _STATUS_BY_NAME = {"DELIVERED": STATUS_DELIVERED, "CANCELLED": STATUS_CANCELLED}
 STATUS_NAMES = {STATUS_DELIVERED: "delivered", STATUS_CANCELLED: "cancelled"}
 
-_COLUMN_FAMILIES = ("timers", "by_priority", "index", "markers", "marker_expiry", "meta")
-_POINT_LOOKUPS = frozenset({"timers", "index", "markers"})
+_COLUMN_FAMILIES = ("timers", "by_priority", "ids", "marker_expiry", "meta")
+"""``ids`` maps a defer_id to what is known of it: ``_HELD`` + its timer key's first 9 bytes
+while held, its packed marker (status, at) once finished. One family, so the intake's duplicate
+check is one lookup and a release one write."""
+_POINT_LOOKUPS = frozenset({"timers", "ids"})
 """Families read by key, not only scanned: their tables get a Bloom filter."""
+_HELD = b"H"
+"""First byte of a held deferral's ``ids`` value; a marker's is its status (1 or 2)."""
 
 
 def timer_key(due_ms: int, priority: int, defer_id: str) -> bytes:
@@ -120,6 +125,13 @@ class PartitionStore:
     """RocksDB for one (tier, partition): timers, a priority index, delivered markers."""
 
     def __init__(self, path: Path, memory: StateMemory | None = None) -> None:
+        if (path / "CURRENT").exists() and set(Rdict.list_cf(str(path))) != {
+            "default",
+            *_COLUMN_FAMILIES,
+        }:
+            # Another version's layout: the state is a projection of the changelog, so it is
+            # dropped and restored from there (changelog_offset() is None on the empty store).
+            self.destroy(path)
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         memory = memory or StateMemory()
@@ -145,15 +157,21 @@ class PartitionStore:
         raw = self._cf["meta"].get(_OFFSET_KEY)
         return None if raw is None else int(_DUE.unpack(raw)[0])
 
+    def knows(self, defer_id: str) -> bool:
+        """Held, or finished within the retention window: a new deferral with this id is a
+        duplicate."""
+        return self._cf["ids"].get(defer_id.encode()) is not None
+
     def held_key(self, defer_id: str) -> bytes | None:
         """The timer key of a held deferral."""
-        prefix = self._cf["index"].get(defer_id.encode())
-        return None if prefix is None else prefix + defer_id.encode()
+        id_bytes = defer_id.encode()
+        raw = self._cf["ids"].get(id_bytes)
+        return raw[1:] + id_bytes if raw is not None and raw[:1] == _HELD else None
 
     def marker(self, defer_id: str) -> tuple[int, int] | None:
         """(status, at_ms) of a finished deferral within the retention window."""
-        raw = self._cf["markers"].get(defer_id.encode())
-        return None if raw is None else _MARKER_VALUE.unpack(raw)
+        raw = self._cf["ids"].get(defer_id.encode())
+        return _MARKER_VALUE.unpack(raw) if raw is not None and raw[:1] != _HELD else None
 
     def timer(self, key: bytes) -> bytes | None:
         value: bytes | None = self._cf["timers"].get(key)
@@ -234,6 +252,9 @@ class PartitionStore:
         lowest: bytes | None = None
         lowest_by_prio: dict[bytes, bytes] = {}
         markers: dict[bytes, tuple[bytes, bytes]] = {}
+        # The last write to each defer_id wins, as in the batch: a release's timer tombstone
+        # and marker become one write.
+        ids: dict[bytes, bytes | None] = {}
         for key, value in records:
             kind, rest = key[:1], key[1:]
             if kind == TIMER:
@@ -242,7 +263,7 @@ class PartitionStore:
                 if value is None:
                     batch.delete(rest, h["timers"])
                     batch.delete(by_prio, h["by_priority"])
-                    batch.delete(defer_id, h["index"])
+                    ids[defer_id] = None
                 else:
                     batch.put(rest, value, h["timers"])
                     batch.put(by_prio, b"", h["by_priority"])
@@ -251,18 +272,24 @@ class PartitionStore:
                     prio = by_prio[:1]
                     if by_prio < lowest_by_prio.get(prio, _TOP):
                         lowest_by_prio[prio] = by_prio
-                    batch.put(defer_id, rest[:9], h["index"])
+                    ids[defer_id] = _HELD + rest[:9]
             elif kind == MARKER_PREFIX:
-                if value is None:
-                    old = self._cf["markers"].get(rest)
-                    batch.delete(rest, h["markers"])
-                    if old is not None:
+                if value is None:  # expired; the marker may be from this very batch (a restore)
+                    old = ids[rest] if rest in ids else self._cf["ids"].get(rest)
+                    if old is not None and old[:1] != _HELD:
+                        ids[rest] = None
                         at = _MARKER_VALUE.unpack(old)[1]
                         batch.delete(_DUE.pack(at) + rest, h["marker_expiry"])
                 else:
                     packed, at = self._marker(rest, value, markers)
-                    batch.put(rest, packed, h["markers"])
+                    ids[rest] = packed
                     batch.put(at + rest, b"", h["marker_expiry"])
+        ids_cf = h["ids"]
+        for defer_id, known in ids.items():
+            if known is None:
+                batch.delete(defer_id, ids_cf)
+            else:
+                batch.put(defer_id, known, ids_cf)
         if next_offset is not None:
             batch.put(_OFFSET_KEY, _DUE.pack(next_offset), h["meta"])
         with self._floor_lock:

@@ -333,7 +333,7 @@ class TierWorker:
             self._quarantine(msg, problem or "undecodable", turn, now)
             return
         defer_id = rec["defer_id"]
-        if defer_id in turn.seen or store.held_key(defer_id) or store.marker(defer_id):
+        if defer_id in turn.seen or store.knows(defer_id):
             turn.duplicates += 1
             reason = "duplicate defer_id: already held or delivered"
             turn.emit(

@@ -140,6 +140,56 @@ def test_put_and_tombstone_in_one_batch(store: PartitionStore) -> None:
     assert store.held_key("a") is None
 
 
+def test_what_is_known_of_an_id_moves_from_held_to_its_marker(store: PartitionStore) -> None:
+    """One family answers both questions: held (and where), or finished (and how)."""
+    assert not store.knows("a")
+    store.apply([put("a", T0, 2)], next_offset=1)
+    assert store.knows("a") and store.marker("a") is None
+    store.apply([tombstone("a", T0, 2), put("a", T0 + 5, 2)], next_offset=3)  # a reschedule
+    assert store.held_key("a") == timer_key(T0 + 5, 2, "a")
+    store.apply([tombstone("a", T0 + 5, 2), marker("a", T0 + 6)], next_offset=5)  # delivered
+    assert store.knows("a") and store.held_key("a") is None
+    assert store.marker("a") == (STATUS_DELIVERED, T0 + 6)
+    store.apply([(MARKER_PREFIX + b"a", None)], next_offset=6)  # the marker expired
+    assert not store.knows("a") and store.expired_markers(2**62, 10) == []
+
+
+def test_a_marker_put_and_expired_in_one_replayed_batch_is_gone(store: PartitionStore) -> None:
+    store.apply(
+        [put("a", T0), tombstone("a", T0), marker("a", T0 + 1), (MARKER_PREFIX + b"a", None)],
+        next_offset=4,
+    )
+    assert not store.knows("a")
+    assert store.expired_markers(2**62, 10) == []
+
+
+def test_a_store_of_another_layout_is_rebuilt_empty(tmp_path: Path) -> None:
+    """State is a projection of the changelog: a directory written with other column families
+    (an older version's) is dropped, and restore starts from the changelog's beginning."""
+    from rocksdict import Options, Rdict
+
+    old_path = tmp_path / "p0"
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.create_missing_column_families(True)
+    old = Rdict(str(old_path), options=opts, column_families={"index": opts, "markers": opts})
+    old.get_column_family("index")[b"a"] = b"x" * 9
+    old.close()
+    store = PartitionStore(old_path)
+    try:
+        assert store.changelog_offset() is None
+        assert not store.knows("a")
+        store.apply([put("a", T0)], next_offset=1)
+        assert store.knows("a")
+    finally:
+        store.close()
+    reopened = PartitionStore(old_path)  # its own layout: kept
+    try:
+        assert reopened.changelog_offset() == 1 and reopened.knows("a")
+    finally:
+        reopened.close()
+
+
 def test_due_orders_by_due_then_priority(store: PartitionStore) -> None:
     store.apply(
         [
