@@ -154,6 +154,15 @@ def test_what_is_known_of_an_id_moves_from_held_to_its_marker(store: PartitionSt
     assert not store.knows("a") and store.expired_markers(2**62, 10) == []
 
 
+@pytest.mark.parametrize("value", [b"", b"E", b"E\x01", b"E\x01\x02a"])
+def test_a_malformed_marker_is_a_serialization_error(store: PartitionStore, value: bytes) -> None:
+    from ensync_kafka import SerializationError
+
+    with pytest.raises(SerializationError):
+        store.apply([(MARKER_PREFIX + b"a", value)], next_offset=1)
+    assert store.changelog_offset() is None
+
+
 def test_a_marker_put_and_expired_in_one_replayed_batch_is_gone(store: PartitionStore) -> None:
     store.apply(
         [put("a", T0), tombstone("a", T0), marker("a", T0 + 1), (MARKER_PREFIX + b"a", None)],
