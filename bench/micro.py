@@ -11,6 +11,10 @@ beside what it replaced:
 * the next due timer found from the store's scan floor beside a ``seek_to_first()`` that wades
   through the tombstones of released timers.
 
+The state table times, with 300,000 timers held (``--state-held``), the intake's duplicate
+check of a new id and ``PartitionStore.apply`` of the intake's and the release's changelog
+records per deferral.
+
 ``--rss`` adds the resident memory of 6 ``PartitionStore`` s sharing one ``StateMemory``, as a
 worker's do, holding 1,000,000 timers between them (what a 1h tier worker with 6 partitions holds
 in section (d) of ``bench.run``), each variant in a fresh process: the worker's defaults, and a
@@ -36,7 +40,15 @@ from typing import Any
 import fastavro
 
 from ensync_kafka import audit
-from ensync_kafka.codec import DEFERRAL, DELIVERED, MAGIC, MARKER, delivered_from_deferral
+from ensync_kafka.codec import (
+    DEFERRAL,
+    DELIVERED,
+    MAGIC,
+    MARKER,
+    delivered_from_deferral,
+    marker_tail,
+    marker_value,
+)
 from ensync_kafka.config import DEFAULT_STATE_CACHE_BYTES, DEFAULT_STATE_MEMTABLE_BYTES
 from ensync_kafka.state import _DUE, MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
 
@@ -154,6 +166,51 @@ def tombstone_costs(released: int) -> dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def state_costs(held: int, batch: int = 200, rounds: int = 100) -> dict[str, float]:
+    """Per deferral, with ``held`` timers in the store: the intake's duplicate check of a new
+    id, and ``apply`` of the intake's and the release's changelog records in worker-sized
+    batches (a release's markers share their tail, as the worker writes them)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ensync-micro-state-"))
+    try:
+        store = PartitionStore(tmp / "p0")
+        now = int(time.time() * 1000)
+        value = DEFERRAL.encode(sample_deferral(1, now))
+        for i in range(0, held, 5000):
+            store.apply(
+                [
+                    (TIMER + timer_key(now + 3_600_000 + j, 1 + j % 5, uuid.uuid4().hex), value)
+                    for j in range(i, min(held, i + 5000))
+                ],
+                None,
+            )
+        fresh = iter([uuid.uuid4().hex for _ in range(batch * rounds)])
+        knows = _per_op_us(lambda: store.knows(next(fresh)), batch * rounds - 1)
+        tail = marker_tail("DELIVERED", now)
+        intake = release = 0.0
+        for _ in range(rounds):
+            keys = [timer_key(now + j, 1 + j % 5, uuid.uuid4().hex) for j in range(batch)]
+            puts: list[tuple[bytes, bytes | None]] = [(TIMER + k, value) for k in keys]
+            done: list[tuple[bytes, bytes | None]] = []
+            for k in keys:
+                done.append((TIMER + k, None))
+                done.append((MARKER_PREFIX + k[9:], marker_value(k[9:], tail)))
+            started = time.perf_counter()
+            store.apply(puts, None)
+            intake += time.perf_counter() - started
+            started = time.perf_counter()
+            store.apply(done, None)
+            release += time.perf_counter() - started
+        store.close()
+        per = 1e6 / (batch * rounds)
+        return {
+            "duplicate check of a new id (PartitionStore.knows)": knows,
+            "apply: an intake's changelog record (3 entries)": intake * per,
+            "apply: a release's tombstone and marker (4 entries)": release * per,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 RSS_VARIANTS = {
     "worker defaults (worker.state_memtable_bytes 64 MiB)": DEFAULT_STATE_MEMTABLE_BYTES,
     "worker.state_memtable_bytes 16 MiB": 16 << 20,
@@ -234,12 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rss", action="store_true", help="also the held-timers RSS table")
     parser.add_argument("--held", type=int, default=1_000_000)
+    parser.add_argument(
+        "--state-held", type=int, default=300_000, help="held timers for the state write table"
+    )
     args = parser.parse_args(argv)
     if args.rss:
         rss_table(args.held, 6)
         print()
     print("| codec operation | µs per op |\n|---|---|")
     for name, us in codec_costs(args.n).items():
+        print(f"| {name} | {us:.2f} |")
+    print()
+    print(f"| state, {args.state_held:,} held: µs per deferral | |\n|---|---|")
+    for name, us in state_costs(args.state_held).items():
         print(f"| {name} | {us:.2f} |")
     print()
     counts = [int(x) for x in args.released.split(",")]
