@@ -112,7 +112,7 @@ def codec_costs(n: int) -> dict[str, float]:
             lambda: deferral_audit(audit.DELIVERED, rec, now, "bench"), n
         ),
         "StateMarker encode (worker: fire)": _per_op_us(lambda: MARKER.encode(marker), n),
-        "StateMarker decode (PartitionStore.apply)": _per_op_us(
+        "StateMarker decode (PartitionStore.apply, once per transaction)": _per_op_us(
             lambda: MARKER.decode(marker_value), n
         ),
     }
