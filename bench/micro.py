@@ -166,6 +166,22 @@ def tombstone_costs(released: int) -> dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+HOLD_BATCH = 5000
+"""Timers per ``apply`` when filling a store: the worker's default intake batch."""
+
+
+def hold(store: PartitionStore, count: int, now: int, value: bytes) -> None:
+    """Put ``count`` timers, due an hour from ``now``, into ``store`` as intake would."""
+    for i in range(0, count, HOLD_BATCH):
+        store.apply(
+            [
+                (TIMER + timer_key(now + 3_600_000 + j, 1 + j % 5, uuid.uuid4().hex), value)
+                for j in range(i, min(count, i + HOLD_BATCH))
+            ],
+            None,
+        )
+
+
 def state_costs(held: int, batch: int = 200, rounds: int = 100) -> dict[str, float]:
     """Per deferral, with ``held`` timers in the store: the intake's duplicate check of a new
     id, and ``apply`` of the intake's and the release's changelog records in worker-sized
@@ -175,14 +191,7 @@ def state_costs(held: int, batch: int = 200, rounds: int = 100) -> dict[str, flo
         store = PartitionStore(tmp / "p0")
         now = int(time.time() * 1000)
         value = DEFERRAL.encode(sample_deferral(1, now))
-        for i in range(0, held, 5000):
-            store.apply(
-                [
-                    (TIMER + timer_key(now + 3_600_000 + j, 1 + j % 5, uuid.uuid4().hex), value)
-                    for j in range(i, min(held, i + 5000))
-                ],
-                None,
-            )
+        hold(store, held, now, value)
         fresh = iter([uuid.uuid4().hex for _ in range(batch * rounds)])
         knows = _per_op_us(lambda: store.knows(next(fresh)), batch * rounds - 1)
         tail = marker_tail("DELIVERED", now)
@@ -219,7 +228,7 @@ RSS_VARIANTS = {
 
 def held_rss(held: int, partitions: int, memtable_bytes: int) -> dict[str, float]:
     """Fill ``partitions`` stores sharing one StateMemory, as a worker's do, with ``held``
-    timers in 5,000-record batches; RSS in MB."""
+    timers (:func:`hold`); RSS in MB."""
     import psutil
 
     proc = psutil.Process()
@@ -233,14 +242,7 @@ def held_rss(held: int, partitions: int, memtable_bytes: int) -> dict[str, float
         per = held // partitions
         started = time.perf_counter()
         for store in stores:
-            for i in range(0, per, 5000):
-                store.apply(
-                    [
-                        (TIMER + timer_key(now + 3_600_000 + j, 1 + j % 5, uuid.uuid4().hex), value)
-                        for j in range(i, min(per, i + 5000))
-                    ],
-                    None,
-                )
+            hold(store, per, now, value)
         elapsed = time.perf_counter() - started
         after = proc.memory_info().rss / 2**20
         time.sleep(3.0)

@@ -67,9 +67,10 @@ class Codec:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._parsed = fastavro.parse_schema(_strip_logical(schema_json(name)))
+        stripped = _strip_logical(schema_json(name))
+        self._parsed = fastavro.parse_schema(stripped)
         self._fast = compile_record(schema_json(name), MAGIC)
-        self._read = compile_decoder(_strip_logical(schema_json(name)))
+        self._read = compile_decoder(stripped)
 
     def encode(self, record: dict[str, Any]) -> bytes:
         if self._fast is not None:
