@@ -370,8 +370,9 @@ def stop_worker(proc: WorkerProc) -> dict[str, Any]:
     info["exit_code"] = proc.popen.returncode
     with contextlib.suppress(OSError, ValueError):
         info["transactions"] = json.loads(proc.commit_stats.read_text())
-        # Milliseconds -> count; read by _commit_lateness, too long to keep in the results.
+        # Read by _commit_lateness and _turn_phases, too long to keep in the results.
         info["commit_lateness_ms"] = info["transactions"].pop("commit_lateness_ms", {})
+        info["turn_phases_ms"] = info["transactions"].pop("turn_phases_ms", {})
     text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
     info["stats"] = re.findall(r"tier (\S+): worker stopped \((.*)\)", text)
     info["warnings"] = len(re.findall(r" WARNING ", text))
@@ -745,6 +746,7 @@ def section_b(
         },
         "delivery": delivered,
         "commit_lateness_ms": commit_lateness,
+        "turn_phases_ms": _turn_phases(worker_info),
         "workers": worker_info,
     }
     log(
@@ -763,6 +765,16 @@ def _commit_lateness(worker_info: list[dict[str, Any]]) -> dict[str, float | Non
         for ms, count in info.pop("commit_lateness_ms", {}).items():
             values.extend([float(ms)] * count)
     return percentiles(values)
+
+
+def _turn_phases(worker_info: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Where the committed turns' time went (``TurnPhases``, milliseconds), over every turn of
+    every worker process (lists from bench.worker_proc, merged, then dropped from the info)."""
+    merged: dict[str, list[float]] = {}
+    for info in worker_info:
+        for name, values in info.pop("turn_phases_ms", {}).items():
+            merged.setdefault(name, []).extend(values)
+    return {name: percentiles(values) for name, values in merged.items()}
 
 
 def _delta(a: float | None, b: float | None) -> float | None:
@@ -851,6 +863,7 @@ def section_c(
         ),
         "delivery": delivered,
         "commit_lateness_ms": _commit_lateness(worker_info),
+        "turn_phases_ms": _turn_phases(worker_info),
         "workers": worker_info,
     }
     lat = delivered["release_lateness_ms"]
@@ -995,6 +1008,7 @@ def section_d(bench: Bench, n: int, batch: int, *, seed: int) -> dict[str, Any]:
         "rss_mb_settled": round(rss_settled, 1),
         "rss_mb_peak_sampled": round(peak, 1),
         "rss_samples_s_mb_lag": samples[:: max(1, len(samples) // 60)],
+        "turn_phases_ms": _turn_phases([worker_info]),
         "worker": worker_info,
     }
     log(
@@ -1151,6 +1165,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "—",
                 "",
             ),
+            *_phase_rows(c.get("turn_phases_ms")),
             *_floor_rows(c.get("floor")),
             (
                 "(c) early: released / received before due",
@@ -1246,6 +1261,22 @@ def _floor_rows(f: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
             f"{three(rel)}; {three(com)}; {three(rec)}",
             "—",
             "" if once else f"**{d['unique']:,} unique, {d['missing']} missing**",
+        )
+    ]
+
+
+def _phase_rows(phases: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    if not phases or "turn" not in phases:
+        return []
+    names = [n for n in phases if n != "turn"] + ["turn"]
+    return [
+        (
+            "(c) a worker turn, p50 / p99 ms (`TurnPhases`): " + ", ".join(names),
+            ", ".join(
+                f"{_fmt(phases[n]['p50'], '', 1)} / {_fmt(phases[n]['p99'], '', 1)}" for n in names
+            ),
+            "—",
+            "",
         )
     ]
 

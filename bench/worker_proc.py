@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ensync_kafka import Worker, WorkerHooks
+from ensync_kafka import TurnPhases, Worker, WorkerHooks
 from ensync_kafka.config import load_config
 
 
@@ -48,6 +48,8 @@ class _BenchHooks(WorkerHooks):
         self.transactions: dict[str, list[float]] = {}
         self.commit_lateness: dict[int, int] = {}
         """Milliseconds from due time to the committed release -> count, all tiers."""
+        self.phases: dict[str, list[float]] = {name: [] for name in (*TurnPhases.NAMES, "turn")}
+        """Each committed turn's phases in milliseconds, all tiers."""
 
     def on_commit(self, tier: str, accepted: int, duplicates: int, invalid: int) -> None:
         # Called right after commit_transaction returned, before the on_batch call of
@@ -73,8 +75,16 @@ class _BenchHooks(WorkerHooks):
         # Called by workers that report each transaction's duration (begin -> commit/abort).
         self.transactions.setdefault(tier, []).append(seconds)
 
+    def on_phases(self, tier: str, phases: TurnPhases) -> None:
+        for name, seconds in phases.items():
+            self.phases[name].append(round(seconds * 1000, 2))
+        self.phases["turn"].append(round(phases.total * 1000, 2))
+
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"commit_lateness_ms": self.commit_lateness}
+        out: dict[str, Any] = {
+            "commit_lateness_ms": self.commit_lateness,
+            "turn_phases_ms": self.phases,
+        }
         for tier, rows in self.commits.items():
             busy = [r for r in rows if r[1] or r[2]]
             gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(rows))

@@ -13,7 +13,7 @@ from .exceptions import (
     SerializationError,
     ValidationError,
 )
-from .hooks import WorkerHooks
+from .hooks import TurnPhases, WorkerHooks
 from .models import Attempt, DeferRequest, DeliveredEvent, Receipt
 from .query import Cluster
 from .ratelimit import RateLimit
@@ -43,6 +43,7 @@ __all__ = [
     "Retry",
     "SerializationError",
     "TopicNames",
+    "TurnPhases",
     "ValidationError",
     "Worker",
     "WorkerHooks",

@@ -5,7 +5,46 @@ Called from the tier's own thread after the step has committed; keep them quick.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPhases:
+    """Where one committed turn's time went, in seconds, in the order the phases run.
+
+    A timer due while a turn runs waits for the next one, so release lateness follows the
+    length of a turn; this says which part of it to look at: the worker's own work (``stage``,
+    ``produce``, ``apply``) or the broker's round trips (``offsets``, ``acks``, ``commit``).
+    """
+
+    NAMES: ClassVar[tuple[str, ...]]
+    """The phases' names, in order."""
+
+    stage: float
+    """Consume returned -> transaction begun: due timers staged, the intake decoded and checked."""
+    produce: float
+    """begin_transaction() and the turn's produce() calls."""
+    offsets: float
+    """send_offsets_to_transaction(): AddOffsetsToTxn and TxnOffsetCommit round trips."""
+    acks: float
+    """flush(): the broker acknowledging every record of the transaction."""
+    hold: float
+    """Waiting for the latest pre-staged due time, so that nothing is visible early."""
+    commit: float
+    """commit_transaction()."""
+    apply: float
+    """Local state (RocksDB) written after the commit."""
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(name, getattr(self, name)) for name in self.NAMES]
+
+    @property
+    def total(self) -> float:
+        return sum(seconds for _, seconds in self.items())
+
+
+TurnPhases.NAMES = tuple(f.name for f in fields(TurnPhases))
 
 
 class WorkerHooks:
@@ -51,3 +90,6 @@ class WorkerHooks:
 
     def on_transaction(self, tier: str, seconds: float, committed: bool) -> None:
         """A transaction finished after ``seconds``: committed, or failed and aborted."""
+
+    def on_phases(self, tier: str, phases: TurnPhases) -> None:
+        """A turn committed and its local state is written; ``phases`` is where its time went."""

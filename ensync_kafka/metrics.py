@@ -23,7 +23,7 @@ from ._kafka import reader
 from .codec import DEAD
 from .config import Config
 from .exceptions import SerializationError
-from .hooks import WorkerHooks
+from .hooks import TurnPhases, WorkerHooks
 from .models import now_ms
 from .topics import TopicNames
 
@@ -38,6 +38,7 @@ LATENESS_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0
 )  # fmt: skip
 TRANSACTION_BUCKETS_S = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PHASE_BUCKETS_S = (0.0005, 0.001, *TRANSACTION_BUCKETS_S)
 EXACT_COUNT_LIMIT = 20_000
 """Held counts up to this are exact (a key scan); above, RocksDB's estimate is reported."""
 LAG_CACHE_S = 2.0
@@ -108,6 +109,11 @@ class WorkerMetrics:
             "ensync_transaction_seconds", "Duration of a worker transaction, begin to commit.",
             ["tier", "result"], buckets=TRANSACTION_BUCKETS_S, registry=r,
         )  # fmt: skip
+        self.phase = Histogram(
+            "ensync_turn_phase_seconds",
+            "Where a committed worker turn's time went (see WorkerHooks.on_phases).",
+            ["tier", "phase"], buckets=PHASE_BUCKETS_S, registry=r,
+        )  # fmt: skip
         r.register(_StateCollector(tiers, lag, ready))
 
     def exposition(self) -> bytes:
@@ -124,6 +130,7 @@ class MetricsHooks(WorkerHooks):
         self._accepted: dict[tuple[str, str, int], Any] = {}
         self._delivered: dict[tuple[str, str, int], Any] = {}
         self._lateness: dict[str, Any] = {}
+        self._phases: dict[str, list[Any]] = {}
 
     def on_assigned(self, tier: str, partitions: list[int]) -> None:
         self.inner.on_assigned(tier, partitions)
@@ -187,6 +194,15 @@ class MetricsHooks(WorkerHooks):
     def on_transaction(self, tier: str, seconds: float, committed: bool) -> None:
         self.metrics.transaction.labels(tier, "commit" if committed else "abort").observe(seconds)
         self.inner.on_transaction(tier, seconds, committed)
+
+    def on_phases(self, tier: str, phases: TurnPhases) -> None:
+        children = self._phases.get(tier)
+        if children is None:
+            phase = self.metrics.phase
+            children = self._phases[tier] = [phase.labels(tier, n) for n in TurnPhases.NAMES]
+        for child, (_, seconds) in zip(children, phases.items(), strict=True):
+            child.observe(seconds)
+        self.inner.on_phases(tier, phases)
 
 
 class _StateCollector(Collector):

@@ -35,7 +35,7 @@ from ._kafka import retrying, where
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
-from .hooks import WorkerHooks
+from .hooks import TurnPhases, WorkerHooks
 from .models import now_ms
 from .restore import replay_changelog
 from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, Timer, timer_key
@@ -491,6 +491,7 @@ class TierWorker:
 
         started = turn.started
         produce, state_topic = producer.produce, self.state_topic
+        begun = time.monotonic()
         try:
             producer.begin_transaction()
             for topic, key, value, headers in turn.records:
@@ -506,33 +507,50 @@ class TierWorker:
                         self._produce(state_topic, key, value, partition=p)
                 key, value = changes[-1]  # its delivery report says how far the changelog got
                 self._produce(state_topic, key, value, partition=p, on_delivery=on_changelog)
+            produced = time.monotonic()
             offsets = {**self.positions, **turn.next_offset}
             if offsets:
                 tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
                 metadata = self.consumer.consumer_group_metadata()
                 retrying(lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S))
+            offsets_sent = time.monotonic()
             producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
-            self._observe_prep((time.monotonic() - started) * 1000)
+            acked = time.monotonic()
+            self._observe_prep((acked - started) * 1000)
             wait_ms = turn.commit_not_before_ms - now_ms()
             if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
                 time.sleep(wait_ms / 1000)
             while now_ms() < turn.commit_not_before_ms:
                 time.sleep(0.0005)
+            held = time.monotonic()
             retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
+            committed = time.monotonic()
             committed_at = now_ms()
         except KafkaException as exc:
-            self.hooks.on_transaction(self.tier.name, time.monotonic() - started, False)
+            self.hooks.on_transaction(self.tier.name, time.monotonic() - begun, False)
             self._abort(turn, exc)
             self._next_producer()
             return
         self._next_producer()
-        self.hooks.on_transaction(self.tier.name, time.monotonic() - started, True)
+        self.hooks.on_transaction(self.tier.name, committed - begun, True)
         self.positions.update(turn.next_offset)
         for p, changes in turn.changelog.items():
             store = self.stores.get(p)
             if store is not None:
                 end = last_offsets.get(p)
                 store.apply(changes, None if end is None else end + 1)
+        self.hooks.on_phases(
+            self.tier.name,
+            TurnPhases(
+                stage=begun - started,
+                produce=produced - begun,
+                offsets=offsets_sent - produced,
+                acks=acked - offsets_sent,
+                hold=held - acked,
+                commit=committed - held,
+                apply=time.monotonic() - committed,
+            ),
+        )
         st = self.stats
         st.commits += 1
         st.accepted += turn.accepted

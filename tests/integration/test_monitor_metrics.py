@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ensync_kafka import DeferClient, Worker, ensure_topics
+from ensync_kafka import DeferClient, TurnPhases, Worker, ensure_topics
 from ensync_kafka.config import config_from_mapping
 
 WAIT_S = 30.0
@@ -85,6 +85,9 @@ def test_metrics_move_as_deferrals_flow(
                       outcome="cancelled") == 1  # fmt: skip
         assert _value(now, "ensync_delivery_lateness_seconds_count", tier="1s") == 3
         assert _value(now, "ensync_transaction_seconds_count", tier="1s", result="commit") >= 1
+        for phase in TurnPhases.NAMES:  # every committed turn reports each of its phases
+            assert _value(now, "ensync_turn_phase_seconds_count", tier="1s", phase=phase) >= 1
+        assert _value(now, "ensync_turn_phase_seconds_sum", tier="1s", phase="acks") > 0
         assert _value(now, "ensync_partitions_assigned", tier="1s") == 2
         assert _value(now, "ensync_partitions_restoring", tier="1s") == 0
         assert _value(now, "ensync_next_due_seconds", tier="1m") > 30

@@ -1,4 +1,4 @@
-"""WorkerHooks.on_batch: the per-deferral hooks still see every deferral of a transaction."""
+"""WorkerHooks: on_batch still feeds the per-deferral hooks; metrics count batches and phases."""
 
 from __future__ import annotations
 
@@ -44,3 +44,32 @@ def test_metrics_count_a_batch_per_queue_and_priority() -> None:
     assert sample("ensync_deferrals_accepted_total", **flow, priority="2") == 1
     assert sample("ensync_delivery_lateness_seconds_sum", tier="10s") == 5 * 0.25
     assert len(inner.calls) == 7
+
+
+def test_turn_phases_reach_the_metrics_and_the_inner_hooks() -> None:
+    from ensync_kafka import TurnPhases
+    from ensync_kafka.metrics import MetricsHooks, WorkerMetrics
+
+    seen: list[TurnPhases] = []
+
+    class Inner(WorkerHooks):
+        def on_phases(self, tier: str, phases: TurnPhases) -> None:
+            seen.append(phases)
+
+    metrics = WorkerMetrics(lambda: [], lag=lambda tier: {}, ready=lambda: True)
+    hooks = MetricsHooks(metrics, Inner())
+    phases = TurnPhases(
+        stage=0.001, produce=0.002, offsets=0.003, acks=0.004, hold=0.0, commit=0.005, apply=0.006
+    )
+    hooks.on_phases("1s", phases)
+    hooks.on_phases("1s", phases)
+
+    assert TurnPhases.NAMES == ("stage", "produce", "offsets", "acks", "hold", "commit", "apply")
+    assert abs(phases.total - 0.021) < 1e-9
+    assert seen == [phases, phases]
+    for name, seconds in phases.items():
+        labels = {"tier": "1s", "phase": name}
+        assert metrics.registry.get_sample_value("ensync_turn_phase_seconds_count", labels) == 2
+        assert metrics.registry.get_sample_value("ensync_turn_phase_seconds_sum", labels) == (
+            2 * seconds
+        )
