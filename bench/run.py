@@ -69,6 +69,7 @@ TARGET_LOAD_PER_S = 5_000
 TARGET_HELD = 1_000_000
 
 PARTITIONS = 6
+SECTIONS = ("a", "b", "c", "d")
 THROUGHPUT_DELAY_S = (0.5, 2.0)
 LOAD_DELAY_S = (1.0, 3.0)
 HELD_DELAY_S = (3300.0, 3590.0)  # past the 10m span, within the 1h span: the 1h tier
@@ -1335,7 +1336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="cpu",
         help="what the profile counts: each thread's CPU time [cpu], or elapsed time",
     )
-    parser.add_argument("--sections", default="a,b,c,d", help="subset of a,b,c,d [all]")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="subset of a,b,c,d [all]")
     parser.add_argument(
         "--worker-per-tier",
         action="store_true",
@@ -1423,6 +1424,8 @@ def main(argv: list[str] | None = None) -> int:
         suffix += "-per-tier"
     elif args.workers > 1:
         suffix += f"-workers{args.workers}"
+    if sorted(sections) != list(SECTIONS):  # a partial run never overwrites a full one
+        suffix += "-" + "".join(sorted(sections))
     stem = f"{stamp}-{env['git_sha']}{suffix}"
     runs: list[tuple[str, Any]] = []
     if "a" in sections:
