@@ -16,6 +16,13 @@ from the worker's:
 * **lanes**: the same P partitions split between L producers whose transactions run at once (one
   thread each): the time until all L committed, i.e. what a worker committing each tier
   partition's releases in a transaction of its own would wait per turn.
+* **paced lanes**: records falling due at ``--rate``/s for ``--seconds`` over 30 partitions (the
+  five priority topics of 6 partitions), released by L independent loops (one thread each) that
+  own the partitions ``p % L == k``, as tier partitions keyed like the priority topics would.
+  Each loop, as soon as something of its own is due, produces it, sends a consumer offset and
+  commits, alternating two producers: the commit lateness (commit returned - due) of a bare
+  keyed-layout releaser under load. The row "5 partitions, 1 lane" is the same load on topics of
+  one partition.
 
 Prints a markdown table; every topic and consumer group it makes is deleted at the end.
 """
@@ -23,6 +30,7 @@ Prints a markdown table; every topic and consumer group it makes is deleted at t
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 import uuid
@@ -33,6 +41,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from ensync_kafka.models import now_ms
 from ensync_kafka.worker import TRANSACTIONAL_PRODUCER_SETTINGS
 
 from .receiver import percentiles
@@ -41,6 +50,10 @@ from .run import _bootstrap
 VALUE = b"x" * 200
 RECORDS_PER_PARTITION = 3
 TIMEOUT_S = 30.0
+PACED_START_MS = 1000
+"""The first paced record falls due this long after its producers are ready."""
+PRIORITY_PARTITIONS = 30
+"""Five priority topics of 6 partitions, as one topic: a transaction costs per partition."""
 
 
 def _ms(seconds: float) -> float:
@@ -137,6 +150,46 @@ class Probe:
                 times.append(_ms(time.perf_counter() - start))
         return times
 
+    def paced(self, partitions: int, lanes: int, rate: int, seconds: float) -> list[float]:
+        """Commit lateness (ms) of every record released by ``lanes`` paced loops."""
+        producers = [[self.transactional(), self.transactional()] for _ in range(lanes)]
+        for producer in (p for pair in producers for p in pair):
+            producer.list_topics(self.topic, timeout=TIMEOUT_S)
+        rng = random.Random(partitions * 100 + lanes)
+        start = now_ms() + PACED_START_MS
+        due = [
+            (start + i * 1000 // rate, rng.randrange(partitions))
+            for i in range(int(rate * seconds))
+        ]
+
+        def lane(k: int) -> list[float]:
+            mine = [(d, p) for d, p in due if p % lanes == k]
+            lateness: list[float] = []
+            i = turns = 0
+            while i < len(mine):
+                now = now_ms()
+                if mine[i][0] > now:
+                    time.sleep((mine[i][0] - now) / 1000)
+                    continue
+                j = i
+                while j < len(mine) and mine[j][0] <= now:
+                    j += 1
+                producer = producers[k][turns % 2]
+                producer.begin_transaction()
+                for _, p in mine[i:j]:
+                    producer.produce(self.topic, VALUE, partition=p)
+                offsets = [TopicPartition(self.source, k, turns)]
+                producer.send_offsets_to_transaction(offsets, self.metadata, TIMEOUT_S)
+                producer.commit_transaction(TIMEOUT_S)
+                committed = now_ms()
+                lateness.extend(committed - d for d, _ in mine[i:j])
+                turns += 1
+                i = j
+            return lateness
+
+        with ThreadPoolExecutor(lanes) as pool:
+            return [ms for part in pool.map(lane, range(lanes)) for ms in part]
+
     def close(self) -> None:
         self.consumer.close()
         for future in self.admin.delete_topics([self.topic, self.source]).values():
@@ -155,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--partitions", default="1,8,20,40", help="partitions per transaction")
     parser.add_argument("--lanes", default="1,2,3,6", help="lane counts splitting 36 partitions")
+    parser.add_argument("--paced-lanes", default="1,3,6", help="lane counts of the paced releaser")
+    parser.add_argument("--rate", type=int, default=5000, help="paced records/s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="paced duration")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.partitions.split(",")]
     lane_counts = [int(s) for s in args.lanes.split(",")]
@@ -176,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         for lanes in lane_counts:
             q = percentiles(probe.lanes(36, lanes, args.rounds))
             print(_row(f"L = {lanes}", *(fmt(q[k]) for k in ("p50", "p90", "p99"))))
+        print()
+        print(_row(f"paced, {args.rate}/s for {args.seconds:g} s", "commit lateness p50", "p99",
+                   "max"))  # fmt: skip
+        print(_row(*["---"] * 4))
+        runs = [(PRIORITY_PARTITIONS, int(s)) for s in args.paced_lanes.split(",") if s]
+        for partitions, lanes in [*runs, (PRIORITY_PARTITIONS // 6, 1)]:
+            q = percentiles(probe.paced(partitions, lanes, args.rate, args.seconds))
+            label = f"{partitions} partitions, {lanes} lane{'s' if lanes > 1 else ''}"
+            print(_row(label, *(fmt(q[k]) for k in ("p50", "p99", "max"))))
     finally:
         probe.close()
     return 0
