@@ -52,7 +52,8 @@ RECORDS_PER_PARTITION = 3
 TIMEOUT_S = 30.0
 PACED_START_MS = 1000
 """The first paced record falls due this long after its producers are ready."""
-PRIORITY_PARTITIONS = 30
+PRIORITY_TOPICS = 5
+PRIORITY_PARTITIONS = PRIORITY_TOPICS * 6
 """Five priority topics of 6 partitions, as one topic: a transaction costs per partition."""
 
 
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                    "max"))  # fmt: skip
         print(_row(*["---"] * 4))
         runs = [(PRIORITY_PARTITIONS, int(s)) for s in args.paced_lanes.split(",") if s]
-        for partitions, lanes in [*runs, (PRIORITY_PARTITIONS // 6, 1)]:
+        for partitions, lanes in [*runs, (PRIORITY_TOPICS, 1)]:
             q = percentiles(probe.paced(partitions, lanes, args.rate, args.seconds))
             label = f"{partitions} partitions, {lanes} lane{'s' if lanes > 1 else ''}"
             print(_row(label, *(fmt(q[k]) for k in ("p50", "p99", "max"))))
