@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import Producer
@@ -31,6 +32,22 @@ from .samples import sample_deferral
 
 START_AFTER_MS = 1000
 """The first record falls due this long after the releaser is ready."""
+
+
+def due_runs(due: list[int]) -> Iterator[tuple[int, int, int]]:
+    """Walk due times in order, sleeping until the next is due: ``(i, j, now)`` for each run
+    ``due[i:j]`` due by ``now``, a releaser's turn."""
+    i = 0
+    while i < len(due):
+        now = now_ms()
+        if due[i] > now:
+            time.sleep((due[i] - now) / 1000)
+            continue
+        j = i
+        while j < len(due) and due[j] <= now:
+            j += 1
+        yield i, j, now
+        i = j
 
 
 def floor_id(i: int) -> str:
@@ -63,15 +80,7 @@ def release(spec: dict[str, Any], ready: Any, out_path: str) -> None:
     ready.set()
     commit_lateness: list[int] = []
     turns = 0
-    i = 0
-    while i < n:
-        now = now_ms()
-        if due[i] > now:
-            time.sleep((due[i] - now) / 1000)
-            continue
-        j = i
-        while j < n and due[j] <= now:
-            j += 1
+    for i, j, now in due_runs(due):
         producer = producers[turns % len(producers)]
         tail = delivered_suffix(now, "floor")
         producer.begin_transaction()
@@ -81,6 +90,5 @@ def release(spec: dict[str, Any], ready: Any, out_path: str) -> None:
         committed = now_ms()
         commit_lateness.extend(committed - d for d in due[i:j])
         turns += 1
-        i = j
     with open(out_path, "wb") as fh:
         pickle.dump({"commit_lateness_ms": commit_lateness, "transactions": turns}, fh)

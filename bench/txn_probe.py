@@ -44,6 +44,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from ensync_kafka.models import now_ms
 from ensync_kafka.worker import TRANSACTIONAL_PRODUCER_SETTINGS
 
+from .floor import due_runs
 from .receiver import percentiles
 from .run import _bootstrap
 
@@ -166,15 +167,7 @@ class Probe:
         def lane(k: int) -> list[float]:
             mine = [(d, p) for d, p in due if p % lanes == k]
             lateness: list[float] = []
-            i = turns = 0
-            while i < len(mine):
-                now = now_ms()
-                if mine[i][0] > now:
-                    time.sleep((mine[i][0] - now) / 1000)
-                    continue
-                j = i
-                while j < len(mine) and mine[j][0] <= now:
-                    j += 1
+            for turns, (i, j, _) in enumerate(due_runs([d for d, _ in mine])):
                 producer = producers[k][turns % 2]
                 producer.begin_transaction()
                 for _, p in mine[i:j]:
@@ -184,8 +177,6 @@ class Probe:
                 producer.commit_transaction(TIMEOUT_S)
                 committed = now_ms()
                 lateness.extend(committed - d for d, _ in mine[i:j])
-                turns += 1
-                i = j
             return lateness
 
         with ThreadPoolExecutor(lanes) as pool:
