@@ -220,6 +220,10 @@ class Bench:
     tmp: Path
     broker_pid: int | None
     fetch_wait_ms: int = 50
+    priority_partitions: int | None = None
+    """Partitions per priority topic; None: the same as ``partitions``."""
+    audit_partitions: int | None = None
+    """Partitions of the audit topic; None: the configuration's default."""
     workers: int = 1
     """(b) and (c): worker processes sharing every tier (``--workers``)."""
     per_tier: bool = False
@@ -243,7 +247,12 @@ class Bench:
             "prefix": prefix,
             "topics": {
                 "defer": {"partitions": self.partitions},
-                "priority": {"partitions": self.partitions},
+                "priority": {"partitions": self.priority_partitions or self.partitions},
+                **(
+                    {"audit": {"partitions": self.audit_partitions}}
+                    if self.audit_partitions
+                    else {}
+                ),
             },
             "worker": {
                 "id": f"bench-{section}-{os.getpid()}",
@@ -885,7 +894,9 @@ def section_c_floor(bench: Bench, rate: int, seconds: float) -> dict[str, Any]:
     n = int(rate * seconds)
     topics = TopicNames(prefix).queue("default")
     log(f"(c) floor: a bare transactional releaser, {rate}/s for {seconds:.0f}s")
-    rx = start_receiver(bench, "cf", topics, n, "delivered", partitions=bench.partitions)
+    rx = start_receiver(
+        bench, "cf", topics, n, "delivered", partitions=config.topics.priority.partitions
+    )
     out = bench.tmp / "cf.floor.pickle"
     spec = {"bootstrap": bench.bootstrap, "prefix": prefix, "n": n, "rate": rate}
     ctx = mp.get_context("spawn")
@@ -1355,7 +1366,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float, default=None, help="duration of (c)")
     parser.add_argument("--load-rate", type=int, default=None, help="offered load of (c)")
     parser.add_argument("--batch", type=int, default=None, help="defer_many batch size")
-    parser.add_argument("--partitions", type=int, default=PARTITIONS)
+    parser.add_argument(
+        "--partitions", type=int, default=PARTITIONS, help="per defer and priority topic [6]"
+    )
+    parser.add_argument(
+        "--priority-partitions", type=int, default=None, help="per priority topic [--partitions]"
+    )
+    parser.add_argument(
+        "--audit-partitions", type=int, default=None, help="of the audit topic [the default, 3]"
+    )
     parser.add_argument(
         "--fetch-wait-ms",
         type=int,
@@ -1399,6 +1418,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp=tmp,
         broker_pid=broker_pid,
         fetch_wait_ms=args.fetch_wait_ms,
+        priority_partitions=args.priority_partitions,
+        audit_partitions=args.audit_partitions,
         workers=args.workers,
         per_tier=args.worker_per_tier,
     )
@@ -1420,6 +1441,10 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if mode.name == "full" else f"-{mode.name}"
     if args.partitions != PARTITIONS:
         suffix += f"-partitions{args.partitions}"
+    if args.priority_partitions:
+        suffix += f"-priority{args.priority_partitions}"
+    if args.audit_partitions:
+        suffix += f"-audit{args.audit_partitions}"
     if args.worker_per_tier:
         suffix += "-per-tier"
     elif args.workers > 1:
