@@ -57,6 +57,14 @@ DEFAULT_QUERY_TIMEOUT_S = 5.0
 DEFAULT_CONTROL_TIMEOUT_S = 15.0
 DEFAULT_AUDIT_DB = "./ensync-audit.sqlite3"
 
+CLIENT_DEFAULTS: dict[str, str] = {"metadata.recovery.strategy": "none"}
+"""librdkafka settings every client gets unless ``kafka.client`` sets them. When every broker it
+knows is down, librdkafka 2.10+ re-bootstraps and decommissions the brokers it had learned; a
+transactional producer's coordinator requests can then wait for good (librdkafka #5511). Here that
+wedged a worker for good when a single broker restarted (tests/e2e, the broker restart test).
+With ``none`` a client keeps reconnecting to the brokers it knows, which is what a restart or a
+rolling upgrade needs; set ``rebootstrap`` where every broker's address can change at once."""
+
 # Consumers of the priority topics (consumer.py): retry policy, ordering, load shedding.
 DEFAULT_RETRY_BASE_DELAY_S = 1.0
 DEFAULT_RETRY_FACTOR = 2.0
@@ -142,7 +150,8 @@ class KafkaConfig(_Frozen):
     def client_settings(self) -> dict[str, str | int | float | bool]:
         """The librdkafka settings with secrets revealed: pass only to a client constructor."""
         base: dict[str, str | int | float | bool] = {
-            k: v.get_secret_value() for k, v in self.client.items()
+            **CLIENT_DEFAULTS,
+            **{k: v.get_secret_value() for k, v in self.client.items()},
         }
         if self.bootstrap_servers:
             base["bootstrap.servers"] = self.bootstrap_servers

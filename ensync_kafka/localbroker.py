@@ -375,6 +375,26 @@ class LocalBroker:
             self._forget(info, keep_data=keep_data)
             return info if running else None
 
+    def restart(self, *, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> BrokerInfo:
+        """Stop the broker (as :meth:`stop`) and run it again on the same data and ports.
+
+        Topics, committed offsets and transactions survive, as across one broker's restart in
+        a rolling upgrade; clients reconnect to the same address.
+        """
+        java = _require("java", _JAVA_HINT)
+        with _locked(self.home / _LOCK):
+            info = self._read()
+            if info is None or not self._owns(info):
+                raise LocalBrokerError(f"no local broker is running in {self.home}")
+            if self._process is not None and self._process.pid == info.pid:
+                self._stop_child(self._process, timeout)
+            else:
+                _kill(info.pid, timeout)
+            self._process = None
+            return self._run(
+                java, ensure_jars(self.cache), info.data_dir, info.bootstrap, keep_data=True
+            )
+
     # internals
 
     def _read(self) -> BrokerInfo | None:
@@ -415,8 +435,6 @@ class LocalBroker:
         while controller_port == broker_port:
             controller_port = _free_port(HOST)
         properties = data_dir / "server.properties"
-        log4j = f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
-        classpath = f"{libs}{os.sep}*"
         try:
             properties.write_text(
                 render_server_properties(
@@ -425,13 +443,19 @@ class LocalBroker:
                     log_dir=data_dir / "log",
                 )
             )
-            self._format(java, classpath, log4j, properties)
+            self._format(java, _classpath(libs), _log4j(), properties)
         except BaseException:
             shutil.rmtree(data_dir, ignore_errors=True)
             raise
+        return self._run(java, libs, data_dir, f"{HOST}:{broker_port}", keep_data=False)
+
+    def _run(
+        self, java: str, libs: Path, data_dir: Path, bootstrap: str, *, keep_data: bool
+    ) -> BrokerInfo:
+        """Run ``kafka.Kafka`` on the formatted ``data_dir`` until it serves clients."""
         command = [
-            java, f"-Xms{self.heap}", f"-Xmx{self.heap}", *BROKER_JVM_OPTIONS, log4j,
-            "-cp", classpath, "kafka.Kafka", str(properties),
+            java, f"-Xms{self.heap}", f"-Xmx{self.heap}", *BROKER_JVM_OPTIONS, _log4j(),
+            "-cp", _classpath(libs), "kafka.Kafka", str(data_dir / "server.properties"),
         ]  # fmt: skip
         with self.log_file.open("wb") as log:
             process = subprocess.Popen(
@@ -445,7 +469,7 @@ class LocalBroker:
             )
         info = BrokerInfo(
             pid=process.pid,
-            bootstrap=f"{HOST}:{broker_port}",
+            bootstrap=bootstrap,
             data_dir=data_dir,
             log_file=self.log_file,
             started_at=datetime.now(UTC),
@@ -455,7 +479,7 @@ class LocalBroker:
             self._await_ready(process, info)
         except BaseException:
             self._stop_child(process, KILL_WAIT_S)
-            self._forget(info, keep_data=False)
+            self._forget(info, keep_data=keep_data)
             raise
         self._process = process
         return info
@@ -511,6 +535,14 @@ class LocalBroker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(KILL_WAIT_S)
+
+
+def _classpath(libs: Path) -> str:
+    return f"{libs}{os.sep}*"
+
+
+def _log4j() -> str:
+    return f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
 
 
 def _confirm(bootstrap: str, timeout: float) -> None:

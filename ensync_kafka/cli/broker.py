@@ -1,4 +1,4 @@
-"""``ensync-kafka broker start|stop|status``: a local single-node Kafka broker, no Docker needed.
+"""``ensync-kafka broker start|stop|restart|status``: a local single-node Kafka broker.
 
 The broker runs detached and is recorded in ``$ENSYNC_HOME/broker.json``; configs that name no
 cluster use it automatically. ``status`` and ``start`` print its bootstrap address alone on the
@@ -77,6 +77,18 @@ def stop(home: Path | None, keep_data: bool, timeout: float) -> None:
         return
     kept = f"data kept in {info.data_dir}" if keep_data else "data removed"
     click.echo(f"stopped Kafka broker pid {info.pid} at {info.bootstrap} ({kept})")
+
+
+@broker.command()
+@click.option("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT_S,
+              show_default=True, show_envvar=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")  # fmt: skip
+@click.pass_obj
+def restart(home: Path | None, timeout: float) -> None:
+    """Stop the broker and start it again on its data and address: topics and offsets stay."""
+    info = LocalBroker(home).restart(timeout=timeout)
+    click.echo(f"Kafka {info.kafka_version} broker restarted {_describe(info)}")
+    click.echo(info.bootstrap)
 
 
 @broker.command()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from ensync_kafka import localbroker
 from ensync_kafka.localbroker import ephemeral_home
@@ -106,3 +106,26 @@ def test_stop_keep_data(home: Path) -> None:
     assert (data_dir / "server.properties").is_file()
     assert (data_dir / "log" / "meta.properties").is_file()
     assert _run(home, "broker", "status").returncode != 0
+
+
+def test_restart_keeps_address_and_topics(home: Path) -> None:
+    bootstrap = _last_line(_ok(_run(home, "broker", "start")))
+    before = _record(home)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topic = "kept-across-restart"
+    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(timeout=30)
+
+    restarted = _ok(_run(home, "broker", "restart"))
+    assert "restarted" in restarted
+    assert _last_line(restarted) == bootstrap
+    after = _record(home)
+    assert after["pid"] != before["pid"] and after["data_dir"] == before["data_dir"]
+    assert localbroker._wait_gone(int(str(before["pid"])), 10)
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=30)
+    assert len(metadata.topics[topic].partitions) == 2
+
+
+def test_restart_without_a_broker_fails_clearly(home: Path) -> None:
+    result = _run(home, "broker", "restart")
+    assert result.returncode != 0
+    assert "no local broker is running" in result.stderr

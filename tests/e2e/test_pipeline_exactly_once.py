@@ -1,4 +1,5 @@
-"""Exactly-once ledgers with real worker processes: a SIGKILL mid-stream, and rebalances.
+"""Exactly-once ledgers with real worker processes: a SIGKILL mid-stream, rebalances, and the
+broker itself restarted.
 
 A stream of deferrals with random delays (0.5-4 s) and priorities over two tiers is sent while
 the workers are disturbed; then every defer_id must be delivered exactly once, never early, to a
@@ -18,6 +19,7 @@ import pytest
 
 from ensync_kafka import DeferClient, DeferRequest, ensure_topics
 from ensync_kafka.config import config_from_mapping
+from ensync_kafka.localbroker import LocalBroker
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
@@ -214,6 +216,64 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
     # Each worker delivered a share of the stream.
     workers = {d.event.tier for ds in ledger.deliveries.values() for d in ds}
     assert workers == set(TIERS)
+
+
+@pytest.fixture
+def own_broker() -> Iterator[LocalBroker]:
+    """A broker of this test's own, to restart: the session's broker is shared (and may not be
+    ours to restart). Needs Java like any local broker, whatever ENSYNC_KAFKA_BOOTSTRAP says."""
+    broker = LocalBroker.ephemeral()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(300)
+def test_worker_rides_out_a_broker_restart_mid_stream(
+    own_broker: LocalBroker, unique_prefix: str, tmp_path: Path
+) -> None:
+    info = own_broker.status()
+    assert info is not None
+    bootstrap = info.bootstrap
+    mapping = pipeline_mapping(unique_prefix, bootstrap, tmp_path / "state", worker_id="steady")
+    config_path = write_config(tmp_path / "ensync.yaml", mapping)
+    config = config_from_mapping(mapping, environ={})
+    ensure_topics(config)
+    restarts: list[int] = []
+    with (
+        processes() as procs,
+        TopicReader(bootstrap, TopicNames(unique_prefix).queue("default")) as reader,
+        DeferClient(config) as client,
+    ):
+        worker = WorkerProcess(
+            bootstrap,
+            config_path,
+            worker_id="steady",
+            state_dir=tmp_path / "state",
+            log_dir=tmp_path,
+        )
+        procs.append(worker)
+        worker.wait_assigned(TIERS)
+
+        def disturb(chunk: int) -> None:
+            if chunk != CHUNKS // 2:
+                return
+            reader.poll_until(
+                lambda records: len(records) > 0, timeout=30, what="the first deliveries"
+            )
+            old_pid = info.pid
+            restarts.append(own_broker.restart().pid)
+            assert restarts[-1] != old_pid
+
+        expected = stream(client, reader, disturb, seed=3)
+        ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
+        # The same worker process, never restarted, delivered the whole stream.
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+
+    assert len(restarts) == 1
+    ledger.assert_exactly_once()
 
 
 @pytest.mark.timeout(120)

@@ -8,6 +8,7 @@ import pytest
 
 from ensync_kafka import Config, ConfigError, load_config
 from ensync_kafka.config import (
+    CLIENT_DEFAULTS,
     DEFAULT_FIRE_BATCH_SIZE,
     DEFAULT_MAX_DELAY_S,
     DEFAULT_QUEUE,
@@ -55,6 +56,17 @@ def test_bootstrap_from_environment_when_not_configured() -> None:
     config = config_from_mapping({}, environ={"ENSYNC_KAFKA_BOOTSTRAP": "10.0.0.1:9092"})
     assert config.bootstrap_servers == "10.0.0.1:9092"
     assert config.kafka.client_settings()["bootstrap.servers"] == "10.0.0.1:9092"
+
+
+def test_client_defaults_apply_unless_the_config_sets_them() -> None:
+    plain = config_from_mapping({}, environ={"ENSYNC_KAFKA_BOOTSTRAP": "10.0.0.1:9092"})
+    assert plain.kafka.client_settings()["metadata.recovery.strategy"] == "none"
+    assert CLIENT_DEFAULTS.items() <= plain.kafka.client_settings().items()
+    chosen = config_from_mapping(
+        {"kafka": {"client": {"metadata.recovery.strategy": "rebootstrap"}}},
+        environ={"ENSYNC_KAFKA_BOOTSTRAP": "10.0.0.1:9092"},
+    )
+    assert chosen.kafka.client_settings()["metadata.recovery.strategy"] == "rebootstrap"
 
 
 def test_configured_bootstrap_wins_over_environment() -> None:
