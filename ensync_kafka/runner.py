@@ -5,16 +5,26 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
 from .config import Config
+from .exceptions import BrokerError
 from .hooks import WorkerHooks
 from .monitor import Monitor
 from .state import StateMemory
 from .worker import TierWorker
 
 log = logging.getLogger("ensync_kafka.worker")
+
+STOP_GRACE_S = 45.0
+"""How long a stopping worker waits for its tier threads to finish their open transactions. A
+thread still inside a client call after that (a broker gone, a client wedged) is abandoned and
+:meth:`Worker.run` raises: the process can exit and be restarted, and the restart's
+``init_transactions`` fences and aborts what the abandoned thread left open. Longer than a tier's
+slowest clean exit (an abort or commit bounded by the transaction timeout, 30 s)."""
+STOP_POLL_S = 0.2
 
 
 class Worker:
@@ -26,8 +36,10 @@ class Worker:
         tiers: Sequence[str] | None = None,
         *,
         hooks: WorkerHooks | None = None,
+        stop_grace: float = STOP_GRACE_S,
     ) -> None:
         self.config = config
+        self.stop_grace = stop_grace
         self.stop_event = threading.Event()
         names = tiers or config.tier_names
         # The HTTP server (metrics, health, queries) binds here, so a taken port fails at once.
@@ -52,8 +64,11 @@ class Worker:
     def run(self, *, install_signal_handlers: bool = True) -> None:
         if install_signal_handlers:
             self._install_signal_handlers()
+        # Daemons: a thread stuck in a client call must not keep the process from exiting.
         threads = [
-            threading.Thread(target=self._run_tier, args=(t,), name=f"tier-{t.tier.name}")
+            threading.Thread(
+                target=self._run_tier, args=(t,), name=f"tier-{t.tier.name}", daemon=True
+            )
             for t in self.tiers
         ]
         if self.monitor is not None:
@@ -61,14 +76,22 @@ class Worker:
         try:
             for t in threads:
                 t.start()
+            while any(t.is_alive() for t in threads) and not self.stop_event.is_set():
+                self.stop_event.wait(STOP_POLL_S)
+            deadline = time.monotonic() + self.stop_grace
             for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
+                while t.is_alive() and time.monotonic() < deadline:
+                    t.join(STOP_POLL_S)
         finally:
             if self.monitor is not None:
                 self.monitor.stop()  # withdraws this worker from {prefix}.workers
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            log.error("%s still busy %.0f s after the stop: abandoned", stuck, self.stop_grace)
         if self.errors:
             raise self.errors[0]
+        if stuck:
+            raise BrokerError(f"{', '.join(stuck)} did not stop within {self.stop_grace:.0f} s")
 
     def stop(self) -> None:
         self.stop_event.set()
