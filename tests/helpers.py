@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from ensync_kafka.codec import AUDIT, DELIVERED, INVALID
 from ensync_kafka.config import Config, config_from_mapping
+from ensync_kafka.consumer import PriorityConsumer
 from ensync_kafka.models import DeliveredEvent, now_ms
 from ensync_kafka.runner import Worker
 from ensync_kafka.topics import TopicNames
@@ -35,6 +36,7 @@ T = TypeVar("T")
 POLL_S = 0.2
 WORKER_READY_TIMEOUT_S = 60.0
 WORKER_STOP_TIMEOUT_S = 30.0
+CONSUMER_STOP_S = 30.0
 DEFAULT_TIERS = ({"name": "1s", "span": 1}, {"name": "10s", "span": 10})
 
 
@@ -169,6 +171,37 @@ class WorkerThread:
 
 
 # -- reading topics -------------------------------------------------------------------------------
+
+
+class ConsumerThread:
+    """``PriorityConsumer.run`` in a thread; ``stop()`` re-raises what it raised."""
+
+    def __init__(self, consumer: PriorityConsumer, handler: Callable[[DeliveredEvent], Any]):
+        self.consumer = consumer
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(handler,), daemon=True)
+
+    def _run(self, handler: Callable[[DeliveredEvent], Any]) -> None:
+        try:
+            self.consumer.run(handler, install_signal_handlers=False)
+        except BaseException as exc:
+            self.error = exc
+
+    def alive(self) -> bool:
+        if self.error is not None:
+            raise AssertionError(f"the consumer failed: {self.error!r}") from self.error
+        return self._thread.is_alive()
+
+    def __enter__(self) -> ConsumerThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.consumer.stop()
+        self._thread.join(CONSUMER_STOP_S)
+        assert not self._thread.is_alive(), "the consumer did not stop"
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 @dataclass(frozen=True, slots=True)

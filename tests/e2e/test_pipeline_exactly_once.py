@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from ensync_kafka import DeferClient, DeferRequest, ensure_topics
+from ensync_kafka import DeferClient, DeferRequest, PriorityConsumer, ensure_topics
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.localbroker import LocalBroker
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
+    ConsumerThread,
     TopicReader,
     WorkerProcess,
     collect_ledger,
@@ -231,9 +232,11 @@ def own_broker() -> Iterator[LocalBroker]:
 
 
 @pytest.mark.timeout(300)
-def test_worker_rides_out_a_broker_restart_mid_stream(
+def test_worker_and_consumer_ride_out_a_broker_restart_mid_stream(
     own_broker: LocalBroker, unique_prefix: str, tmp_path: Path
 ) -> None:
+    """One broker, restarted while deferrals are held, sent and handled: the same worker
+    process delivers each exactly once, and a PriorityConsumer handles each (at least once)."""
     info = own_broker.status()
     assert info is not None
     bootstrap = info.bootstrap
@@ -242,10 +245,12 @@ def test_worker_rides_out_a_broker_restart_mid_stream(
     config = config_from_mapping(mapping, environ={})
     ensure_topics(config)
     restarts: list[int] = []
+    handled: set[str] = set()
     with (
         processes() as procs,
         TopicReader(bootstrap, TopicNames(unique_prefix).queue("default")) as reader,
         DeferClient(config) as client,
+        ConsumerThread(PriorityConsumer(config), lambda e: handled.add(e.defer_id)) as consumer,
     ):
         worker = WorkerProcess(
             bootstrap,
@@ -271,6 +276,13 @@ def test_worker_rides_out_a_broker_restart_mid_stream(
         ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
         # The same worker process, never restarted, delivered the whole stream.
         assert worker.proc.poll() is None, worker.log()[-3000:]
+        wait_until(
+            lambda: expected.keys() <= set(handled),
+            timeout=LEDGER_TIMEOUT_S,
+            what="the consumer to handle every event",
+            describe=lambda: f"{len(expected.keys() - set(handled))} not handled",
+        )
+        assert consumer.alive()
 
     assert len(restarts) == 1
     ledger.assert_exactly_once()

@@ -35,6 +35,7 @@ from ensync_kafka.hooks import WorkerHooks
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
+    ConsumerThread,
     TopicReader,
     WorkerThread,
     audit_records,
@@ -93,37 +94,6 @@ class Recorder:
     def events(self) -> list[DeliveredEvent]:
         with self._lock:
             return [e for _, e in self.calls]
-
-
-class ConsumerThread:
-    """``PriorityConsumer.run`` in a thread; ``stop()`` re-raises what it raised."""
-
-    def __init__(self, consumer: PriorityConsumer, handler: Callable[[DeliveredEvent], Any]):
-        self.consumer = consumer
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(handler,), daemon=True)
-
-    def _run(self, handler: Callable[[DeliveredEvent], Any]) -> None:
-        try:
-            self.consumer.run(handler, install_signal_handlers=False)
-        except BaseException as exc:
-            self.error = exc
-
-    def alive(self) -> bool:
-        if self.error is not None:
-            raise AssertionError(f"the consumer failed: {self.error!r}") from self.error
-        return self._thread.is_alive()
-
-    def __enter__(self) -> ConsumerThread:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.consumer.stop()
-        self._thread.join(WAIT_S)
-        assert not self._thread.is_alive(), "the consumer did not stop"
-        if self.error is not None and exc[0] is None:
-            raise self.error
 
 
 def backlog(client: DeferClient, hooks: CountDeliveries, requests: list[DeferRequest]) -> None:
