@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -52,6 +53,13 @@ markers on every partition it touched) after commit_transaction returns; the sam
 next AddPartitionsToTxn meanwhile gets CONCURRENT_TRANSACTIONS, which librdkafka retries after
 a fixed 20 ms. Measured: 8-10 of 400 back-to-back 40-partition transactions hit it with one
 producer, none with two. Both send the consumer group's offsets, so both are fenced alike."""
+PRODUCER_RENEWALS_MAX = 3
+PRODUCER_RENEWAL_WINDOW_S = 600.0
+"""A fenced transactional producer is replaced at most this often in this window. A broker that
+stalls past the transaction timeout aborts what was open and bumps the producer's epoch, and a
+producer caught mid-abort by that bump is fenced: replacing it is all that is wrong. More often
+than this, something else holds our transactional id (two processes with one worker.id), and the
+worker stops instead of fencing it back and forth."""
 TRANSACTIONAL_PRODUCER_SETTINGS: dict[str, Any] = {
     "linger.ms": 1,
     "queue.buffering.max.messages": 500_000,
@@ -189,17 +197,8 @@ class TierWorker:
         self.restoring: set[int] = set()
         self.rebalanced = False
         client = config.kafka.client_settings()
-        self.producers = tuple(
-            Producer(
-                {
-                    **client,
-                    "transactional.id": transactional_id(config.prefix, tier.name, w.id, n),
-                    "transaction.timeout.ms": int(w.transaction_timeout * 1000),
-                    **TRANSACTIONAL_PRODUCER_SETTINGS,
-                }
-            )
-            for n in range(TRANSACTIONAL_PRODUCERS)
-        )
+        self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
+        self._renewals: list[float] = []
         self.producer = self.producers[0]
         """The producer of the next transaction; they take turns (TRANSACTIONAL_PRODUCERS)."""
         self._turns = 0
@@ -227,6 +226,17 @@ class TierWorker:
         )
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def _new_producer(self, n: int) -> Producer:
+        w = self.config.worker
+        return Producer(
+            {
+                **self.config.kafka.client_settings(),
+                "transactional.id": transactional_id(self.config.prefix, self.tier.name, w.id, n),
+                "transaction.timeout.ms": int(w.transaction_timeout * 1000),
+                **TRANSACTIONAL_PRODUCER_SETTINGS,
+            }
+        )
 
     def run(self) -> None:
         try:
@@ -262,7 +272,10 @@ class TierWorker:
                     store.close()
                 self.stores.clear()
             for producer in self.producers:
-                producer.flush(5)
+                try:
+                    producer.flush(5)
+                except KafkaException as exc:  # a fenced producer: the error that stops us
+                    log.warning("tier %s: producer flush at stop: %s", self.tier.name, exc)
             log.info("tier %s: worker stopped (%s)", self.tier.name, self.stats)
 
     # -- one turn -----------------------------------------------------------------------------
@@ -605,10 +618,8 @@ class TierWorker:
         err: KafkaError = exc.args[0]
         self.stats.aborts += 1
         if err.fatal():
-            raise BrokerError(
-                f"tier {self.tier.name}: producer fenced or failed fatally: {err.str()}",
-                code=err.code(),
-            ) from exc
+            self._recover_from_fencing(err, exc)
+            return
         if not err.txn_requires_abort():
             # Retries ran out and the outcome is unknown. Stopping is safe: a restart with the
             # same transactional.id completes or aborts it, and state is restored from there.
@@ -619,11 +630,47 @@ class TierWorker:
         try:
             self.producer.abort_transaction(TXN_TIMEOUT_S)
         except KafkaException as abort_exc:
-            raise BrokerError(f"tier {self.tier.name}: abort failed: {abort_exc}") from abort_exc
-        # Nothing of this turn happened: read its records again.
+            abort_err: KafkaError = abort_exc.args[0]
+            if not abort_err.fatal():
+                raise BrokerError(
+                    f"tier {self.tier.name}: abort failed: {abort_exc}"
+                ) from abort_exc
+            self._recover_from_fencing(abort_err, abort_exc)
+            return
+        # Nothing of this turn happened (RocksDB is written only after a commit): read its
+        # records again.
         for p, offset in turn.first_offset.items():
             if p in self.stores:
                 self.consumer.seek(TopicPartition(self.topic, p, offset))
+
+    def _recover_from_fencing(self, err: KafkaError, exc: KafkaException) -> None:
+        """Replace a fenced producer, then take state and positions from Kafka again, as a new
+        owner would: whether the fenced transaction committed, only the broker knows."""
+        now = time.monotonic()
+        self._renewals = [t for t in self._renewals if now - t < PRODUCER_RENEWAL_WINDOW_S]
+        if err.code() != KafkaError._FENCED or len(self._renewals) >= PRODUCER_RENEWALS_MAX:
+            raise BrokerError(
+                f"tier {self.tier.name}: producer fenced or failed fatally: {err.str()}",
+                code=err.code(),
+            ) from exc
+        self._renewals.append(now)
+        n = self.producers.index(self.producer)
+        log.warning("tier %s: producer %d fenced (%s); replacing it", self.tier.name, n, err.str())
+        fresh = self._new_producer(n)
+        try:
+            fresh.init_transactions(TXN_TIMEOUT_S)
+        except KafkaException as init_exc:
+            raise BrokerError(
+                f"tier {self.tier.name}: replacing a fenced producer: {init_exc}"
+            ) from init_exc
+        self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
+        self.producer = fresh
+        owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
+        self._on_revoke(self.consumer, owned)
+        self._on_assign(self.consumer, owned)
+        for tp in owned:
+            offset = self.positions.get(tp.partition, OFFSET_BEGINNING)
+            self.consumer.seek(TopicPartition(self.topic, tp.partition, offset))
 
     # -- assignment and restore -----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ read_committed consumer of all the priority topics.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -38,6 +39,8 @@ CHUNKS = 12
 CHUNK_INTERVAL_S = 0.5
 LEDGER_TIMEOUT_S = 90.0
 SIGTERM_EXIT_S = 10.0
+FREEZE_S = 15.0
+"""Longer than the transaction timeout (10 s): the coordinator aborts what was open."""
 # A killed worker's group membership lingers until its session times out; keep that short so
 # the restarted worker gets its partitions back in seconds (the broker's minimum is 6 s).
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
@@ -232,11 +235,13 @@ def own_broker() -> Iterator[LocalBroker]:
 
 
 @pytest.mark.timeout(300)
-def test_worker_and_consumer_ride_out_a_broker_restart_mid_stream(
-    own_broker: LocalBroker, unique_prefix: str, tmp_path: Path
+@pytest.mark.parametrize("outage", ["restart", "freeze"])
+def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
+    own_broker: LocalBroker, unique_prefix: str, tmp_path: Path, outage: str
 ) -> None:
-    """One broker, restarted while deferrals are held, sent and handled: the same worker
-    process delivers each exactly once, and a PriorityConsumer handles each (at least once)."""
+    """One broker, restarted (or frozen past the transaction timeout) while deferrals are held,
+    sent and handled: the same worker process delivers each exactly once, and a PriorityConsumer
+    handles each (at least once)."""
     info = own_broker.status()
     assert info is not None
     bootstrap = info.bootstrap
@@ -244,7 +249,7 @@ def test_worker_and_consumer_ride_out_a_broker_restart_mid_stream(
     config_path = write_config(tmp_path / "ensync.yaml", mapping)
     config = config_from_mapping(mapping, environ={})
     ensure_topics(config)
-    restarts: list[int] = []
+    outages: list[int] = []
     handled: set[str] = set()
     with (
         processes() as procs,
@@ -268,9 +273,13 @@ def test_worker_and_consumer_ride_out_a_broker_restart_mid_stream(
             reader.poll_until(
                 lambda records: len(records) > 0, timeout=30, what="the first deliveries"
             )
-            old_pid = info.pid
-            restarts.append(own_broker.restart().pid)
-            assert restarts[-1] != old_pid
+            if outage == "restart":
+                assert own_broker.restart().pid != info.pid
+            else:  # requests hang instead of being refused; open transactions time out
+                os.kill(info.pid, signal.SIGSTOP)
+                time.sleep(FREEZE_S)
+                os.kill(info.pid, signal.SIGCONT)
+            outages.append(chunk)
 
         expected = stream(client, reader, disturb, seed=3)
         ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
@@ -284,7 +293,7 @@ def test_worker_and_consumer_ride_out_a_broker_restart_mid_stream(
         )
         assert consumer.alive()
 
-    assert len(restarts) == 1
+    assert outages == [CHUNKS // 2]
     ledger.assert_exactly_once()
 
 

@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
-from ensync_kafka import DeferClient, DeferRequest, ensure_topics
+from ensync_kafka import BrokerError, DeferClient, DeferRequest, ensure_topics
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
+from ensync_kafka.worker import PRODUCER_RENEWALS_MAX, TRANSACTIONAL_PRODUCERS, transactional_id
 from tests.helpers import (
     TopicReader,
     WorkerThread,
@@ -223,3 +225,72 @@ def test_schedule_retry_with_the_same_at_is_delivered_once(
         + ledger.summary()
     )
     ledger.assert_exactly_once()
+
+
+def _fence(bootstrap: str, transactional_id: str) -> None:
+    """What a newer instance with the same transactional id does to the one before it."""
+    intruder = Producer({"bootstrap.servers": bootstrap, "transactional.id": transactional_id})
+    intruder.init_transactions(WAIT_S)
+    intruder.flush(5)
+
+
+def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", worker_id="f")
+    ensure_topics(config)
+    expected: dict[str, int] = {}
+    with (
+        WorkerThread(config, ["1s"]) as worker,
+        queue_reader(kafka_bootstrap, unique_prefix) as reader,
+        DeferClient(config) as client,
+    ):
+        tier = worker.worker.tiers[0]
+
+        def send(batch: int) -> None:
+            requests = [
+                DeferRequest(name="f", payload=i, delay=0.2 + i / 200, defer_id=f"b{batch}-{i}")
+                for i in range(150)
+            ]
+            expected.update({r.defer_id: to_ms(r.due_at) for r in client.defer_many(requests)})
+
+        send(0)
+        reader.poll_until(lambda r: len(r) > 0, timeout=WAIT_S, what="the first deliveries")
+        for n in range(TRANSACTIONAL_PRODUCERS):  # both, while releases are under way
+            _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "f", n))
+        send(1)
+        ledger = collect_ledger(kafka_bootstrap, [], expected, timeout=WAIT_S, reader=reader)
+        # At least both; a replacement that races an intruder's own start is fenced once more.
+        wait_until(
+            lambda: len(tier._renewals) >= TRANSACTIONAL_PRODUCERS,
+            timeout=WAIT_S,
+            what="both fenced producers replaced",
+        )
+        assert worker.error is None
+    ledger.assert_exactly_once()
+
+
+def test_a_producer_fenced_again_and_again_stops_the_worker(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """Something else keeps taking our transactional id (two processes with one worker.id):
+    after PRODUCER_RENEWALS_MAX replacements the worker stops instead of fencing it back."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", worker_id="g")
+    ensure_topics(config)
+    worker = WorkerThread(config, ["1s"]).start()
+    tier = worker.worker.tiers[0]
+    with DeferClient(config) as client:
+        for round_ in range(PRODUCER_RENEWALS_MAX + 1):
+            for n in range(TRANSACTIONAL_PRODUCERS):
+                _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "g", n))
+            client.defer("g", round_, delay=0.1)
+            wait_until(
+                lambda r=round_: worker.error is not None or len(tier._renewals) > r,
+                timeout=WAIT_S,
+                what=f"fencing round {round_} to be noticed",
+            )
+            if worker.error is not None:
+                break
+    with pytest.raises(BrokerError, match="fenced"):
+        worker.stop()
+    assert len(tier._renewals) == PRODUCER_RENEWALS_MAX
