@@ -55,11 +55,13 @@ a fixed 20 ms. Measured: 8-10 of 400 back-to-back 40-partition transactions hit 
 producer, none with two. Both send the consumer group's offsets, so both are fenced alike."""
 PRODUCER_RENEWALS_MAX = 3
 PRODUCER_RENEWAL_WINDOW_S = 600.0
-"""A fenced transactional producer is replaced at most this often in this window. A broker that
-stalls past the transaction timeout aborts what was open and bumps the producer's epoch, and a
-producer caught mid-abort by that bump is fenced: replacing it is all that is wrong. More often
-than this, something else holds our transactional id (two processes with one worker.id), and the
-worker stops instead of fencing it back and forth."""
+"""A transactional producer that is fenced, failed, wedged or left a transaction of unknown outcome
+is replaced (TierWorker._start_over) at most this often in this window. A broker that stalls past
+the transaction timeout aborts what was open and bumps the producer's epoch, fencing a producer
+caught mid-abort; a single broker that comes back from a stall can leave librdkafka's coordinator
+handle wedged. A new producer is all either needs. More often than this, something else is wrong
+(two processes with one worker.id fencing each other, a broker that stays away): the worker
+stops, to be restarted."""
 TRANSACTIONAL_PRODUCER_SETTINGS: dict[str, Any] = {
     "linger.ms": 1,
     "queue.buffering.max.messages": 500_000,
@@ -199,6 +201,7 @@ class TierWorker:
         client = config.kafka.client_settings()
         self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
         self._renewals: list[float] = []
+        self._replaced: list[Producer] = []
         self.producer = self.producers[0]
         """The producer of the next transaction; they take turns (TRANSACTIONAL_PRODUCERS)."""
         self._turns = 0
@@ -617,25 +620,14 @@ class TierWorker:
     def _abort(self, turn: _Turn, exc: KafkaException) -> None:
         err: KafkaError = exc.args[0]
         self.stats.aborts += 1
-        if err.fatal():
-            self._recover_from_fencing(err, exc)
+        if err.fatal() or not err.txn_requires_abort():
+            self._start_over(exc)  # fenced, failed, or the outcome is unknown: retries ran out
             return
-        if not err.txn_requires_abort():
-            # Retries ran out and the outcome is unknown. Stopping is safe: a restart with the
-            # same transactional.id completes or aborts it, and state is restored from there.
-            raise BrokerError(
-                f"tier {self.tier.name}: transaction outcome unknown: {err.str()}", code=err.code()
-            ) from exc
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
         try:
             self.producer.abort_transaction(TXN_TIMEOUT_S)
         except KafkaException as abort_exc:
-            abort_err: KafkaError = abort_exc.args[0]
-            if not abort_err.fatal():
-                raise BrokerError(
-                    f"tier {self.tier.name}: abort failed: {abort_exc}"
-                ) from abort_exc
-            self._recover_from_fencing(abort_err, abort_exc)
+            self._start_over(abort_exc)  # fenced while aborting, or wedged (see CLIENT_DEFAULTS)
             return
         # Nothing of this turn happened (RocksDB is written only after a commit): read its
         # records again.
@@ -643,26 +635,33 @@ class TierWorker:
             if p in self.stores:
                 self.consumer.seek(TopicPartition(self.topic, p, offset))
 
-    def _recover_from_fencing(self, err: KafkaError, exc: KafkaException) -> None:
-        """Replace a fenced producer, then take state and positions from Kafka again, as a new
-        owner would: whether the fenced transaction committed, only the broker knows."""
+    def _start_over(self, exc: KafkaException) -> None:
+        """Do in-process what a restart would: a new producer with the same transactional id,
+        whose init_transactions fences this one and completes or aborts what it left open, then
+        the owned partitions' state and positions from Kafka again, since only the broker knows
+        how that transaction ended. At most PRODUCER_RENEWALS_MAX times in the window."""
+        err: KafkaError = exc.args[0]
         now = time.monotonic()
         self._renewals = [t for t in self._renewals if now - t < PRODUCER_RENEWAL_WINDOW_S]
-        if err.code() != KafkaError._FENCED or len(self._renewals) >= PRODUCER_RENEWALS_MAX:
+        if len(self._renewals) >= PRODUCER_RENEWALS_MAX:
             raise BrokerError(
-                f"tier {self.tier.name}: producer fenced or failed fatally: {err.str()}",
+                f"tier {self.tier.name}: transaction failed ({err.str()}) after "
+                f"{len(self._renewals)} producer replacements in "
+                f"{PRODUCER_RENEWAL_WINDOW_S:.0f} s",
                 code=err.code(),
             ) from exc
         self._renewals.append(now)
         n = self.producers.index(self.producer)
-        log.warning("tier %s: producer %d fenced (%s); replacing it", self.tier.name, n, err.str())
+        log.warning("tier %s: producer %d: %s; replacing it", self.tier.name, n, err.str())
+        # Kept, not destroyed: destroying a wedged client can block this thread.
+        self._replaced.append(self.producer)
         fresh = self._new_producer(n)
         try:
             fresh.init_transactions(TXN_TIMEOUT_S)
         except KafkaException as init_exc:
-            raise BrokerError(
-                f"tier {self.tier.name}: replacing a fenced producer: {init_exc}"
-            ) from init_exc
+            raise BrokerError(f"tier {self.tier.name}: replacing producer {n}: {init_exc}") from (
+                init_exc
+            )
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
