@@ -22,8 +22,8 @@ STOP_GRACE_S = 45.0
 """How long a stopping worker waits for its tier threads to finish their open transactions. A
 thread still inside a client call after that (a broker gone, a client wedged) is abandoned and
 :meth:`Worker.run` raises: the process can exit and be restarted, and the restart's
-``init_transactions`` fences and aborts what the abandoned thread left open. Longer than a tier's
-slowest clean exit (an abort or commit bounded by the transaction timeout, 30 s)."""
+``init_transactions`` fences and aborts what the abandoned thread left open. A clean exit takes
+seconds with a broker that answers; without one, a commit may retry for longer and is abandoned."""
 STOP_POLL_S = 0.2
 
 

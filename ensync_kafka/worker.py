@@ -277,7 +277,7 @@ class TierWorker:
             for producer in self.producers:
                 try:
                     producer.flush(5)
-                except KafkaException as exc:  # a fenced producer: the error that stops us
+                except KafkaException as exc:  # fenced or failed: not the error to report
                     log.warning("tier %s: producer flush at stop: %s", self.tier.name, exc)
             log.info("tier %s: worker stopped (%s)", self.tier.name, self.stats)
 
