@@ -170,9 +170,6 @@ class WorkerThread:
             self._thread.join(WORKER_STOP_TIMEOUT_S)
 
 
-# -- reading topics -------------------------------------------------------------------------------
-
-
 class ConsumerThread:
     """``PriorityConsumer.run`` in a thread; ``stop()`` re-raises what it raised."""
 
@@ -202,6 +199,9 @@ class ConsumerThread:
         assert not self._thread.is_alive(), "the consumer did not stop"
         if self.error is not None and exc[0] is None:
             raise self.error
+
+
+# -- reading topics -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
