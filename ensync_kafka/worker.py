@@ -53,7 +53,7 @@ markers on every partition it touched) after commit_transaction returns; the sam
 next AddPartitionsToTxn meanwhile gets CONCURRENT_TRANSACTIONS, which librdkafka retries after
 a fixed 20 ms. Measured: 8-10 of 400 back-to-back 40-partition transactions hit it with one
 producer, none with two. Both send the consumer group's offsets, so both are fenced alike."""
-PRODUCER_RENEWALS_MAX = 3
+PRODUCER_RENEWALS_MAX = 5
 PRODUCER_RENEWAL_WINDOW_S = 600.0
 """A transactional producer that is fenced, failed, wedged or left a transaction of unknown outcome
 is replaced (TierWorker._start_over) at most this often in this window. A broker that stalls past
