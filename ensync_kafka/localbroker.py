@@ -367,10 +367,7 @@ class LocalBroker:
                 return None
             running = self._owns(info)
             if running:
-                if self._process is not None and self._process.pid == info.pid:
-                    self._stop_child(self._process, timeout)
-                else:
-                    _kill(info.pid, timeout)
+                self._terminate(info, timeout)
             self._process = None
             self._forget(info, keep_data=keep_data)
             return info if running else None
@@ -386,16 +383,20 @@ class LocalBroker:
             info = self._read()
             if info is None or not self._owns(info):
                 raise LocalBrokerError(f"no local broker is running in {self.home}")
-            if self._process is not None and self._process.pid == info.pid:
-                self._stop_child(self._process, timeout)
-            else:
-                _kill(info.pid, timeout)
+            self._terminate(info, timeout)
             self._process = None
             return self._run(
                 java, ensure_jars(self.cache), info.data_dir, info.bootstrap, keep_data=True
             )
 
     # internals
+
+    def _terminate(self, info: BrokerInfo, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; reaped here when we started it."""
+        if self._process is not None and self._process.pid == info.pid:
+            self._stop_child(self._process, timeout)
+        else:
+            _kill(info.pid, timeout)
 
     def _read(self) -> BrokerInfo | None:
         data = _read_json(self.state_file)
@@ -443,7 +444,7 @@ class LocalBroker:
                     log_dir=data_dir / "log",
                 )
             )
-            self._format(java, _classpath(libs), _log4j(), properties)
+            self._format(java, libs, properties)
         except BaseException:
             shutil.rmtree(data_dir, ignore_errors=True)
             raise
@@ -484,10 +485,10 @@ class LocalBroker:
         self._process = process
         return info
 
-    def _format(self, java: str, classpath: str, log4j: str, properties: Path) -> None:
+    def _format(self, java: str, libs: Path, properties: Path) -> None:
         command = [
-            java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", log4j,
-            "-cp", classpath, "kafka.tools.StorageTool", "format",
+            java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", _log4j(),
+            "-cp", _classpath(libs), "kafka.tools.StorageTool", "format",
             "-t", new_cluster_id(), "-c", str(properties),
         ]  # fmt: skip
         try:
