@@ -49,13 +49,32 @@ their metadata and can lose their coordinators for good, which is not the worker
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
+class Workers:
+    """Worker processes of one test, all on one config; ``workers()`` closes them."""
+
+    def __init__(self, bootstrap: str, config_path: Path, log_dir: Path) -> None:
+        self.bootstrap, self.config_path, self.log_dir = bootstrap, config_path, log_dir
+        self.started: list[WorkerProcess] = []
+
+    def start(self, worker_id: str, state_dir: Path) -> WorkerProcess:
+        proc = WorkerProcess(
+            self.bootstrap,
+            self.config_path,
+            worker_id=worker_id,
+            state_dir=state_dir,
+            log_dir=self.log_dir,
+        )
+        self.started.append(proc)
+        return proc
+
+
 @contextmanager
-def processes() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
+def workers(bootstrap: str, config_path: Path, log_dir: Path) -> Iterator[Workers]:
+    group = Workers(bootstrap, config_path, log_dir)
     try:
-        yield started
+        yield group
     finally:
-        for proc in started:
+        for proc in group.started:
             proc.close()
 
 
@@ -113,23 +132,12 @@ def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
     ensure_topics(config)
     names = TopicNames(unique_prefix)
 
-    def start() -> WorkerProcess:
-        proc = WorkerProcess(
-            kafka_bootstrap,
-            config_path,
-            worker_id="crashy",
-            state_dir=state_dir,
-            log_dir=tmp_path,
-        )
-        procs.append(proc)
-        return proc
-
     with (
-        processes() as procs,
+        workers(kafka_bootstrap, config_path, tmp_path) as procs,
         TopicReader(kafka_bootstrap, names.queue("default")) as reader,
         DeferClient(config) as client,
     ):
-        first = start()
+        first = procs.start("crashy", state_dir)
         first.wait_assigned(TIERS)
         kill_at = CHUNKS // 2
 
@@ -142,14 +150,14 @@ def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
             )
             first.signal(signal.SIGKILL)
             assert first.wait_exit(10) == -signal.SIGKILL
-            start()
+            procs.start("crashy", state_dir)
 
         expected = stream(client, reader, disturb, seed=1)
         assert 0 < delivered_count(reader) < DEFERRALS
         ledger = collect_ledger(
             kafka_bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader
         )
-        restarted = procs[-1]
+        restarted = procs.started[-1]
         assert restarted.proc.poll() is None, restarted.log()[-3000:]
         assert restarted.assigned_tiers() == set(TIERS), restarted.log()[-3000:]
 
@@ -172,19 +180,11 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
     names = TopicNames(unique_prefix)
 
     def start(worker_id: str) -> WorkerProcess:
-        proc = WorkerProcess(
-            kafka_bootstrap,
-            config_path,
-            worker_id=worker_id,
-            state_dir=tmp_path / f"state-{worker_id}",
-            log_dir=tmp_path,
-        )
-        procs.append(proc)
-        return proc
+        return procs.start(worker_id, tmp_path / f"state-{worker_id}")
 
     exit_seconds: list[float] = []
     with (
-        processes() as procs,
+        workers(kafka_bootstrap, config_path, tmp_path) as procs,
         TopicReader(kafka_bootstrap, names.queue("default")) as reader,
         DeferClient(config) as client,
     ):
@@ -203,7 +203,7 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
                 assert code == 0, a.log()[-3000:]
 
         expected = stream(client, reader, disturb, seed=2)
-        c = procs[-1]
+        c = procs.started[-1]
         wait_until(
             lambda: c.assigned_tiers() == set(TIERS),
             timeout=30,
@@ -221,8 +221,8 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
     ledger.assert_exactly_once()
     assert exit_seconds and exit_seconds[0] < SIGTERM_EXIT_S
     # Each worker delivered a share of the stream.
-    workers = {d.event.tier for ds in ledger.deliveries.values() for d in ds}
-    assert workers == set(TIERS)
+    tiers = {d.event.tier for ds in ledger.deliveries.values() for d in ds}
+    assert tiers == set(TIERS)
 
 
 @pytest.fixture
@@ -257,18 +257,11 @@ def test_worker_rides_out_a_broker_outage_mid_stream(
     ensure_topics(config)
     outages: list[int] = []
     with (
-        processes() as procs,
+        workers(bootstrap, config_path, tmp_path) as procs,
         TopicReader(bootstrap, TopicNames(unique_prefix).queue("default")) as reader,
         DeferClient(config) as client,
     ):
-        worker = WorkerProcess(
-            bootstrap,
-            config_path,
-            worker_id="steady",
-            state_dir=tmp_path / "state",
-            log_dir=tmp_path,
-        )
-        procs.append(worker)
+        worker = procs.start("steady", tmp_path / "state")
         worker.wait_assigned(TIERS)
 
         def disturb(chunk: int) -> None:
@@ -307,15 +300,8 @@ def test_sigterm_stops_a_busy_worker_within_seconds(
         pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state"), environ={}
     )
     ensure_topics(config)
-    with processes() as procs, DeferClient(config) as client:
-        proc = WorkerProcess(
-            kafka_bootstrap,
-            config_path,
-            worker_id="term",
-            state_dir=tmp_path / "s",
-            log_dir=tmp_path,
-        )
-        procs.append(proc)
+    with workers(kafka_bootstrap, config_path, tmp_path) as procs, DeferClient(config) as client:
+        proc = procs.start("term", tmp_path / "s")
         proc.wait_assigned(TIERS)
         # Busy: held deferrals in both tiers while it is told to stop.
         client.defer_many(
