@@ -148,6 +148,20 @@ class _TokenBucket:
         self.tokens -= n
 
 
+def _retire(producer: Producer, name: str) -> None:
+    """Close a fenced or wedged producer in a daemon thread of its own: closing one whose
+    coordinator handle is wedged can block, and the tier thread must not wait for it."""
+
+    def close() -> None:
+        try:
+            producer.purge()
+            producer.close()
+        except (KafkaException, RuntimeError) as exc:  # fenced, failed: it is being thrown away
+            log.debug("%s: %s", name, exc)
+
+    threading.Thread(target=close, name=name, daemon=True).start()
+
+
 def transactional_id(prefix: str, tier: str, worker_id: str, n: int) -> str:
     """Stable across restarts, so a restarted worker fences its previous incarnation."""
     base = f"{prefix}.{tier}.{worker_id}"
@@ -201,7 +215,6 @@ class TierWorker:
         client = config.kafka.client_settings()
         self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
         self._renewals: list[float] = []
-        self._replaced: list[Producer] = []
         self.producer = self.producers[0]
         """The producer of the next transaction; they take turns (TRANSACTIONAL_PRODUCERS)."""
         self._turns = 0
@@ -653,8 +666,7 @@ class TierWorker:
         self._renewals.append(now)
         n = self.producers.index(self.producer)
         log.warning("tier %s: producer %d: %s; replacing it", self.tier.name, n, err.str())
-        # Kept, not destroyed: destroying a wedged client can block this thread.
-        self._replaced.append(self.producer)
+        old = self.producer
         fresh = self._new_producer(n)
         try:
             fresh.init_transactions(TXN_TIMEOUT_S)
@@ -664,6 +676,7 @@ class TierWorker:
             )
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
+        _retire(old, f"{self.tier.name}-retire-{n}")
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
         self._on_revoke(self.consumer, owned)
         self._on_assign(self.consumer, owned)

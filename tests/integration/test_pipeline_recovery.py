@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -267,6 +268,12 @@ def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
             what="both fenced producers replaced",
         )
         assert worker.error is None
+        # The fenced producers are closed, not kept: their retiring threads end.
+        wait_until(
+            lambda: not [t for t in threading.enumerate() if "-retire-" in t.name],
+            timeout=WAIT_S,
+            what="the replaced producers to close",
+        )
     ledger.assert_exactly_once()
 
 
