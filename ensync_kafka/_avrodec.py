@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._codegen import SourceGenerator
+
 
 def _long(d: bytes, i: int) -> tuple[int, int]:
     """The zigzag varint at ``d[i]`` and the index after it (IndexError if ``d`` ends first).
@@ -40,17 +42,11 @@ def _invalid(what: str, value: object) -> Any:
     raise ValueError(f"invalid {what}: {value!r}")
 
 
-class _Generator:
+class _Generator(SourceGenerator):
     """Writes one ``(data, index) -> (record, index)`` function per record schema."""
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {"_long": _long, "_invalid": _invalid}
-        self.sources: list[str] = []
-        self._count = 0
-
-    def _name(self, stem: str) -> str:
-        self._count += 1
-        return f"_{stem}_{self._count}"
+        super().__init__({"_long": _long, "_invalid": _invalid})
 
     def _read_long(self, target: str, indent: str) -> list[str]:
         return [
@@ -167,7 +163,7 @@ def compile_decoder(
     fn = gen.record(schema)
     if fn is None:
         return None
-    code = compile("\n".join(gen.sources), f"<avro decoder {schema.get('name')}>", "exec")
-    exec(code, gen.namespace)
-    reader: Callable[[bytes, int], tuple[dict[str, Any], int]] = gen.namespace[fn]
+    reader: Callable[[bytes, int], tuple[dict[str, Any], int]] = gen.build(
+        fn, f"avro decoder {schema.get('name')}"
+    )
     return reader

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ._codegen import SourceGenerator
+
 _TABLE_BITS = 14
 _TABLE_SIZE = 1 << _TABLE_BITS
 _TABLE_MASK = _TABLE_SIZE - 1
@@ -76,23 +78,19 @@ _PRIMITIVE = {
 }
 
 
-class _Generator:
+class _Generator(SourceGenerator):
     """Writes one Python function per record schema into a shared namespace."""
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {
-            "_string": avro_string,
-            "_bytes": _bytes,
-            "_zz": zigzag_long,
-            "_boolean": _boolean,
-            "_bad_enum": _bad_enum,
-        }
-        self.sources: list[str] = []
-        self._count = 0
-
-    def _name(self, stem: str) -> str:
-        self._count += 1
-        return f"_{stem}_{self._count}"
+        super().__init__(
+            {
+                "_string": avro_string,
+                "_bytes": _bytes,
+                "_zz": zigzag_long,
+                "_boolean": _boolean,
+                "_bad_enum": _bad_enum,
+            }
+        )
 
     def value(self, avro_type: Any, expr: str) -> str | None:
         """A Python expression encoding ``expr`` as ``avro_type``; None if unsupported."""
@@ -161,7 +159,5 @@ def compile_record(
     fn = gen.record(schema, prefix)
     if fn is None:
         return None
-    code = compile("\n".join(gen.sources), f"<avro encoder {schema.get('name')}>", "exec")
-    exec(code, gen.namespace)
-    encoder: Callable[[dict[str, Any]], bytes] = gen.namespace[fn]
+    encoder: Callable[[dict[str, Any]], bytes] = gen.build(fn, f"avro encoder {schema.get('name')}")
     return encoder
