@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from .config import Config
+
+log = logging.getLogger("ensync_kafka.kafka")
+
+BROKER_WATCH_INTERVAL_MS = 5000
+"""How often a watched client reports the brokers it knows (librdkafka statistics)."""
+STRANDED_REPORTS = 2
+"""Consecutive reports without a broker that make a watched client stranded."""
 
 
 def where(msg: Message) -> tuple[int, int]:
@@ -44,3 +54,50 @@ def reader(config: Config, purpose: str, settings: Mapping[str, Any] | None = No
             **(settings or {}),
         }
     )
+
+
+class BrokerWatch:
+    """Tells whether a librdkafka client still knows a broker to talk to.
+
+    A Metadata response that lists no brokers makes librdkafka 2.10+ drop every broker it knows,
+    and it never looks for one again (librdkafka #5301). A KRaft broker sends one while it is
+    fenced, as a single broker is on waking from a stall longer than its session: its clients
+    then wait for good, and a consumer's group session times out and it never rejoins. Such a
+    client's statistics list only logical brokers (its coordinator handles); its owner replaces
+    it. Merge :meth:`settings` into the client's configuration and poll the client.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stranded = False
+        self._empty_reports = 0
+
+    def settings(self) -> dict[str, Any]:
+        return {"statistics.interval.ms": BROKER_WATCH_INTERVAL_MS, "stats_cb": self.report}
+
+    def report(self, stats_json: str) -> None:
+        brokers = json.loads(stats_json).get("brokers", {})
+        if any(b.get("source") != "logical" for b in brokers.values()):
+            self._empty_reports = 0
+            return
+        self._empty_reports += 1
+        if self._empty_reports >= STRANDED_REPORTS and not self.stranded:
+            self.stranded = True
+            log.warning(
+                "%s: the Kafka client knows no broker any more (librdkafka #5301)", self.name
+            )
+
+
+def retire(client: Producer | Consumer, name: str) -> None:
+    """Close a replaced client in a daemon thread of its own: closing one that is fenced,
+    wedged or stranded can block, and its owner must not wait for it."""
+
+    def close() -> None:
+        try:
+            if isinstance(client, Producer):
+                client.purge()
+            client.close()
+        except (KafkaException, RuntimeError) as exc:  # it is being thrown away
+            log.debug("%s: closing: %s", name, exc)
+
+    threading.Thread(target=close, name=f"retire-{name}", daemon=True).start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -12,6 +13,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Producer
 
 from . import control
+from ._kafka import retire
 from .codec import DEFERRAL
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, ValidationError
@@ -86,16 +88,31 @@ class DeferClient:
     def __init__(self, config: Config, *, producer_settings: Mapping[str, str] | None = None):
         self._config = config
         self._topics = TopicNames(config.prefix)
-        self._producer = Producer(
+        self._settings = dict(producer_settings or {})
+        self._lock = threading.Lock()
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        return Producer(
             {
-                **config.kafka.client_settings(),
+                **self._config.kafka.client_settings(),
                 "enable.idempotence": "true",
                 "acks": "all",
                 "linger.ms": "5",
                 "compression.type": "lz4",
-                **(producer_settings or {}),
+                **self._settings,
             }
         )
+
+    def _replace_producer(self, failed: Producer) -> None:
+        """After a send the broker did not acknowledge in time: a producer that lost every
+        broker would never send again (see _kafka.BrokerWatch), and a new one costs a
+        connection. What the old one still held is dropped; those calls raised, and callers
+        re-send with the same defer_ids."""
+        with self._lock:
+            if self._producer is failed:
+                retire(failed, "defer-client-producer")
+                self._producer = self._new_producer()
 
     @property
     def config(self) -> Config:
@@ -188,14 +205,17 @@ class DeferClient:
             if progress is not None and (done[0] % 1000 == 0 or done[0] == total):
                 progress(done[0], total)
 
+        producer = self._producer
         for topic, key, value, _ in prepared:
             while True:
                 try:
-                    self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
                     break
                 except BufferError:
-                    self._producer.poll(0.05)
-        remaining = self._producer.flush(DELIVERY_TIMEOUT_S)
+                    producer.poll(0.05)
+        remaining = producer.flush(DELIVERY_TIMEOUT_S)
+        if remaining or any(err.code() == KafkaError._MSG_TIMED_OUT for _, err in failures):
+            self._replace_producer(producer)
         if remaining:
             raise BrokerError(
                 f"{remaining} deferrals not acknowledged within {DELIVERY_TIMEOUT_S}s"

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from . import audit
+from ._kafka import BrokerWatch, retire
 from .client import DeferClient
 from .codec import DELIVERED
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, ConsumerConfig
@@ -261,6 +262,8 @@ class PriorityConsumer:
         )
         try:
             while not self._stop.is_set():
+                if self._watch.stranded:
+                    self._start_over()
                 item = self._next_item()
                 if item is not None:
                     self._process(item)
@@ -272,6 +275,9 @@ class PriorityConsumer:
 
     def _open(self) -> None:
         client = self.config.kafka.client_settings()
+        # Only the consumer is watched: it is polled all the time (statistics are delivered by
+        # polls), and a stranded producer's sends time out and raise.
+        self._watch = BrokerWatch(f"consumer group {self.group}")
         try:
             self._producer = Producer(
                 {**client, "enable.idempotence": "true", "acks": "all", "linger.ms": 5}
@@ -287,7 +293,7 @@ class PriorityConsumer:
                 alert=self._alert,
                 stats=self.stats,
             )
-            self._consumer = self._new_consumer(client)
+            self._consumer = self._new_consumer({**client, **self._watch.settings()})
             self._consumer.subscribe(
                 self.topics,
                 on_assign=self._on_assign,
@@ -314,6 +320,18 @@ class PriorityConsumer:
                 "on_commit": self._on_commit,
             }
         )
+
+    def _start_over(self) -> None:
+        """The Kafka consumer knows no broker any more (see BrokerWatch) and would never rejoin
+        the group. Drop what is buffered and uncommitted (the next
+        owner of those partitions, maybe this consumer again, handles it again: at least once)
+        and open new clients (the producer too: the same metadata response strands every client
+        that asked at that moment); the old ones are closed aside, as closing them can block."""
+        log.warning("consumer group %s: replacing its stranded Kafka clients", self.group)
+        retire(self._consumer, f"{self.group}-consumer")
+        retire(self._producer, f"{self.group}-producer")
+        self._reset_state()
+        self._open()
 
     def _close(self) -> None:
         try:

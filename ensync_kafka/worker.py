@@ -32,7 +32,7 @@ from confluent_kafka import (
 )
 
 from . import audit, control
-from ._kafka import retrying, where
+from ._kafka import BrokerWatch, retire, retrying, where
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
@@ -148,20 +148,6 @@ class _TokenBucket:
         self.tokens -= n
 
 
-def _retire(producer: Producer, name: str) -> None:
-    """Close a fenced or wedged producer in a daemon thread of its own: closing one whose
-    coordinator handle is wedged can block, and the tier thread must not wait for it."""
-
-    def close() -> None:
-        try:
-            producer.purge()
-            producer.close()
-        except (KafkaException, RuntimeError) as exc:  # fenced, failed: it is being thrown away
-            log.debug("%s: %s", name, exc)
-
-    threading.Thread(target=close, name=name, daemon=True).start()
-
-
 def transactional_id(prefix: str, tier: str, worker_id: str, n: int) -> str:
     """Stable across restarts, so a restarted worker fences its previous incarnation."""
     base = f"{prefix}.{tier}.{worker_id}"
@@ -212,36 +198,52 @@ class TierWorker:
         self.lock = threading.RLock()
         self.restoring: set[int] = set()
         self.rebalanced = False
-        client = config.kafka.client_settings()
         self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
         self._renewals: list[float] = []
         self.producer = self.producers[0]
         """The producer of the next transaction; they take turns (TRANSACTIONAL_PRODUCERS)."""
         self._turns = 0
-        self.consumer = Consumer(
+        self.consumer, self.restorer = self._new_consumers()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _new_consumers(self) -> tuple[Consumer, Consumer]:
+        """The tier consumer (watched: see BrokerWatch) and the changelog restorer."""
+        client = self.config.kafka.client_settings()
+        w = self.config.worker
+        self._consumer_watch = BrokerWatch(f"tier {self.tier.name}: consumer")
+        consumer = Consumer(
             {
                 **client,
-                "group.id": f"{config.prefix}.worker.{tier.name}",
+                "group.id": f"{self.config.prefix}.worker.{self.tier.name}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
                 "queued.max.messages.kbytes": 16384,
                 "fetch.wait.max.ms": 50,
+                **self._consumer_watch.settings(),
             }
         )
-        self.restorer = Consumer(
+        restorer = Consumer(
             {
                 **client,
-                "group.id": f"{config.prefix}.restore.{tier.name}.{w.id}",
+                "group.id": f"{self.config.prefix}.restore.{self.tier.name}.{w.id}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
                 "fetch.wait.max.ms": 10,
             }
         )
+        return consumer, restorer
 
-    # -- lifecycle --------------------------------------------------------------------------
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
 
     def _new_producer(self, n: int) -> Producer:
         w = self.config.worker
@@ -265,12 +267,7 @@ class TierWorker:
         self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
         for producer in self.producers:
             producer.list_topics(timeout=TXN_TIMEOUT_S)
-        self.consumer.subscribe(
-            [self.topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
-        )
+        self._subscribe()
         log.info("tier %s: worker %s started", self.tier.name, self.config.worker.id)
         try:
             while not self.stop_event.is_set():
@@ -298,6 +295,8 @@ class TierWorker:
 
     def step(self) -> None:
         """Consume a batch, release what is due, commit both in one transaction."""
+        if self._consumer_watch.stranded:
+            self._replace_consumers()
         msgs = self.consumer.consume(self.config.worker.intake_batch_size, self._wait_s())
         now = now_ms()
         turn = _Turn(started=time.monotonic())
@@ -676,13 +675,26 @@ class TierWorker:
             )
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
-        _retire(old, f"{self.tier.name}-retire-{n}")
+        retire(old, f"{self.tier.name}-producer-{n}")
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
         self._on_revoke(self.consumer, owned)
         self._on_assign(self.consumer, owned)
         for tp in owned:
             offset = self.positions.get(tp.partition, OFFSET_BEGINNING)
             self.consumer.seek(TopicPartition(self.topic, tp.partition, offset))
+
+    def _replace_consumers(self) -> None:
+        """The tier consumer knows no broker any more and will never rejoin its group (see
+        BrokerWatch): let its partitions go as a lost assignment does (nothing uncommitted is
+        kept), and join again with new clients. The restorer is replaced too: the same metadata
+        response strands every client that asked for metadata at that moment."""
+        log.warning("tier %s: replacing the stranded consumer", self.tier.name)
+        owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
+        self._on_revoke(self.consumer, owned)
+        retire(self.consumer, f"{self.tier.name}-consumer")
+        retire(self.restorer, f"{self.tier.name}-restorer")
+        self.consumer, self.restorer = self._new_consumers()
+        self._subscribe()
 
     # -- assignment and restore -----------------------------------------------------------------
 

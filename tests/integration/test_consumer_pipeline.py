@@ -6,6 +6,7 @@ dead topic with one alert, redrive delivered once, rate limiting and load sheddi
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from ensync_kafka import (
     read_dead_letters,
     redrive_dead_letters,
 )
+from ensync_kafka._kafka import STRANDED_REPORTS
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.hooks import WorkerHooks
 from ensync_kafka.models import to_ms
@@ -45,6 +47,8 @@ from tests.helpers import (
 )
 
 WAIT_S = 30.0
+LOGICAL = {"name": "GroupCoordinator", "nodeid": -1, "source": "logical", "state": "TRY_CONNECT"}
+"""The one broker a stranded client's statistics list (tests/unit/test_broker_watch.py)."""
 TIERS = ({"name": "all", "span": 3600},)
 """One tier for every delay the tests use, so one in-process tier worker serves them all."""
 
@@ -159,6 +163,40 @@ def test_competing_consumers_split_the_work_none_twice(
     assert [i for i, n in handled.items() if n > 1] == []
     assert first.calls and second.calls, "both consumers take part"
     assert a.stats.handled + b.stats.handled == total
+
+
+def test_a_stranded_consumer_starts_over_and_handles_every_event(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """Its Kafka consumer reports no broker (as after librdkafka #5301): the PriorityConsumer
+    opens new clients in the same run() and rejoins its group; every event is handled, none is
+    lost (what was handled but not committed may come again: at least once)."""
+    config = make_config(unique_prefix, kafka_bootstrap, tmp_path)
+    total = 300
+    recorder = Recorder(lambda event: time.sleep(0.002))
+    with WorkerThread(config), DeferClient(config) as client:
+        consumer = PriorityConsumer(config)
+        with ConsumerThread(consumer, recorder) as thread:
+            client.defer_many(
+                DeferRequest(name="s", payload={"i": i}, delay=i / 100, priority=1 + i % 5)
+                for i in range(total)
+            )
+            wait_until(lambda: len(recorder.calls) >= 20, timeout=WAIT_S, what="first events")
+            stranded = consumer._consumer
+            for _ in range(STRANDED_REPORTS):
+                consumer._watch.report(json.dumps({"brokers": {"GroupCoordinator": LOGICAL}}))
+            wait_until(
+                lambda: consumer._consumer is not stranded and bool(consumer.assignment),
+                timeout=WAIT_S,
+                what="new clients with the partitions back",
+            )
+            wait_until(
+                lambda: thread.alive() and set(payload_ids(recorder.events)) == set(range(total)),
+                timeout=WAIT_S,
+                what="every event handled",
+                describe=lambda: f"{total - len(set(payload_ids(recorder.events)))} not yet",
+            )
+    assert len(recorder.calls) - total <= total  # a replay, not a loop
 
 
 def test_strict_ordering_drains_priority_5_first(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ import pytest
 from confluent_kafka import Producer
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest, ensure_topics
+from ensync_kafka._kafka import STRANDED_REPORTS
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from ensync_kafka.worker import PRODUCER_RENEWALS_MAX, TRANSACTIONAL_PRODUCERS, transactional_id
@@ -270,10 +272,51 @@ def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
         assert worker.error is None
         # The fenced producers are closed, not kept: their retiring threads end.
         wait_until(
-            lambda: not [t for t in threading.enumerate() if "-retire-" in t.name],
+            lambda: not [t for t in threading.enumerate() if t.name.startswith("retire-")],
             timeout=WAIT_S,
             what="the replaced producers to close",
         )
+    ledger.assert_exactly_once()
+
+
+def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The tier consumer reports no broker (as after librdkafka #5301) mid-stream: the worker
+    lets its partitions go, joins again with new clients, and delivers each deferral once."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", worker_id="s")
+    ensure_topics(config)
+    expected: dict[str, int] = {}
+    stranded_stats = json.dumps(
+        {"brokers": {"GroupCoordinator": {"source": "logical", "state": "TRY_CONNECT"}}}
+    )
+    with (
+        WorkerThread(config, ["1s"]) as worker,
+        queue_reader(kafka_bootstrap, unique_prefix) as reader,
+        DeferClient(config) as client,
+    ):
+        tier = worker.worker.tiers[0]
+
+        def send(batch: int) -> None:
+            requests = [
+                DeferRequest(name="s", payload=i, delay=0.2 + i / 200, defer_id=f"b{batch}-{i}")
+                for i in range(150)
+            ]
+            expected.update({r.defer_id: to_ms(r.due_at) for r in client.defer_many(requests)})
+
+        send(0)
+        reader.poll_until(lambda r: len(r) > 0, timeout=WAIT_S, what="the first deliveries")
+        stranded = tier.consumer
+        for _ in range(STRANDED_REPORTS):
+            tier._consumer_watch.report(stranded_stats)
+        send(1)
+        wait_until(
+            lambda: tier.consumer is not stranded and bool(tier.stores),
+            timeout=WAIT_S,
+            what="a new consumer with the partitions back",
+        )
+        ledger = collect_ledger(kafka_bootstrap, [], expected, timeout=WAIT_S, reader=reader)
+        assert worker.error is None
     ledger.assert_exactly_once()
 
 
