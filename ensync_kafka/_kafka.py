@@ -72,8 +72,20 @@ class BrokerWatch:
         self.stranded = False
         self._empty_reports = 0
 
-    def settings(self) -> dict[str, Any]:
-        return {"statistics.interval.ms": BROKER_WATCH_INTERVAL_MS, "stats_cb": self.report}
+    def settings(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """What to merge over ``given`` (the client's settings): a ``stats_cb`` and interval
+        there keep receiving every report."""
+        chained = given.get("stats_cb")
+        if chained is None:
+            callback = self.report
+        else:
+
+            def callback(stats_json: str) -> None:
+                self.report(stats_json)
+                chained(stats_json)
+
+        interval = given.get("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
+        return {"statistics.interval.ms": interval, "stats_cb": callback}
 
     def report(self, stats_json: str) -> None:
         brokers = json.loads(stats_json).get("brokers", {})

@@ -63,7 +63,8 @@ knows is down, librdkafka 2.10+ re-bootstraps and decommissions the brokers it h
 transactional producer's coordinator requests can then wait for good (librdkafka #5511). Here that
 wedged a worker for good when a single broker restarted (tests/e2e, the broker restart test).
 With ``none`` a client keeps reconnecting to the brokers it knows, which is what a restart or a
-rolling upgrade needs; set ``rebootstrap`` where every broker's address can change at once."""
+rolling upgrade needs; set ``rebootstrap`` where every broker's address can change at once.
+Neither strategy survives a Metadata response that lists no brokers (_kafka.BrokerWatch)."""
 
 # Consumers of the priority topics (consumer.py): retry policy, ordering, load shedding.
 DEFAULT_RETRY_BASE_DELAY_S = 1.0

@@ -293,7 +293,7 @@ class PriorityConsumer:
                 alert=self._alert,
                 stats=self.stats,
             )
-            self._consumer = self._new_consumer({**client, **self._watch.settings()})
+            self._consumer = self._new_consumer(client)
             self._consumer.subscribe(
                 self.topics,
                 on_assign=self._on_assign,
@@ -304,22 +304,21 @@ class PriorityConsumer:
             raise BrokerError(f"consumer group {self.group}: {exc.args[0]}") from exc
 
     def _new_consumer(self, client: Mapping[str, str | int | float | bool]) -> Consumer:
-        return Consumer(
-            {
-                **client,
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 100,
-                "queued.max.messages.kbytes": 8192,
-                **self._settings,
-                # What the guarantees rest on; not overridable.
-                "group.id": self.group,
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "enable.partition.eof": True,
-                "on_commit": self._on_commit,
-            }
-        )
+        settings: dict[str, Any] = {
+            **client,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,
+            "queued.max.messages.kbytes": 8192,
+            **self._settings,
+            # What the guarantees rest on; not overridable.
+            "group.id": self.group,
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "enable.partition.eof": True,
+            "on_commit": self._on_commit,
+        }
+        return Consumer({**settings, **self._watch.settings(settings)})
 
     def _start_over(self) -> None:
         """The Kafka consumer knows no broker any more (see BrokerWatch) and would never rejoin

@@ -222,7 +222,7 @@ class TierWorker:
                 "partition.assignment.strategy": "cooperative-sticky",
                 "queued.max.messages.kbytes": 16384,
                 "fetch.wait.max.ms": 50,
-                **self._consumer_watch.settings(),
+                **self._consumer_watch.settings(client),
             }
         )
         restorer = Consumer(
@@ -678,7 +678,14 @@ class TierWorker:
         retire(old, f"{self.tier.name}-producer-{n}")
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
         self._on_revoke(self.consumer, owned)
-        self._on_assign(self.consumer, owned)
+        try:
+            self._on_assign(self.consumer, owned)
+        except KafkaException as assign_exc:
+            # The consumer cannot reach its group coordinator either: one broker stall can
+            # strand it with the producer (BrokerWatch). Join the group again instead.
+            log.warning("tier %s: taking partitions back: %s", self.tier.name, assign_exc)
+            self._replace_consumers()
+            return
         for tp in owned:
             offset = self.positions.get(tp.partition, OFFSET_BEGINNING)
             self.consumer.seek(TopicPartition(self.topic, tp.partition, offset))
@@ -712,9 +719,16 @@ class TierWorker:
             self.restoring.update(numbers)
         stores = {p: PartitionStore(self.state_root / str(p), self.memory) for p in numbers}
         started = time.monotonic()
-        restored = replay_changelog(
-            self.restorer, self.state_topic, stores, on_applied=self._count_restored
-        )
+        try:
+            restored = replay_changelog(
+                self.restorer, self.state_topic, stores, on_applied=self._count_restored
+            )
+        except BaseException:
+            with self.lock:  # closed, so a later assignment can open them again
+                for store in stores.values():
+                    store.close()
+                self.restoring.difference_update(numbers)
+            raise
         with self.lock:
             self.stores.update(stores)
             self.restoring.difference_update(numbers)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from ensync_kafka import DeferClient, DeferRequest, ensure_topics
+from ensync_kafka import DeferClient, DeferRequest, PriorityConsumer, ensure_topics
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.localbroker import LocalBroker
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
+    ConsumerThread,
     TopicReader,
     WorkerProcess,
     collect_ledger,
@@ -39,11 +40,12 @@ CHUNK_INTERVAL_S = 0.5
 LEDGER_TIMEOUT_S = 90.0
 SIGTERM_EXIT_S = 10.0
 FREEZE_TXN_TIMEOUT_S = 4.0
-FREEZE_S = 7.0
-"""Longer than the worker's transaction timeout in that test (FREEZE_TXN_TIMEOUT_S), so the
-coordinator aborts what was open, and shorter than the broker's own KRaft session (9 s): a
-single broker frozen longer fences itself on waking, and librdkafka clients then drop it from
-their metadata and can lose their coordinators for good, which is not the worker's to test."""
+OUTAGES = {"restart": 0.0, "freeze": 7.0, "freeze-past-session": 12.0}
+"""Seconds the broker is frozen (SIGSTOP). 7 s is longer than the worker's transaction timeout
+in that test (FREEZE_TXN_TIMEOUT_S), so the coordinator aborts what was open. 12 s is longer
+than the broker's own KRaft session (9 s): on waking it is fenced for a moment and answers
+Metadata requests with no brokers, which strands the librdkafka clients that ask then
+(librdkafka #5301, _kafka.BrokerWatch) until they are replaced."""
 # A killed worker's group membership lingers until its session times out; keep that short so
 # the restarted worker gets its partitions back in seconds (the broker's minimum is 6 s).
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
@@ -238,17 +240,17 @@ def own_broker() -> Iterator[LocalBroker]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("outage", ["restart", "freeze"])
-def test_worker_rides_out_a_broker_outage_mid_stream(
+@pytest.mark.parametrize("outage", list(OUTAGES))
+def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
     own_broker: LocalBroker, unique_prefix: str, tmp_path: Path, outage: str
 ) -> None:
-    """One broker, restarted (or frozen past the transaction timeout) while deferrals are held
-    and sent: the same worker process delivers each exactly once. (A PriorityConsumer beside it
-    lost its group coordinator for good in some runs: a librdkafka limit, see the README.)"""
+    """One broker, restarted or frozen while deferrals are held and sent: the same worker
+    process delivers each exactly once, and a PriorityConsumer handles each (at least once)."""
     info = own_broker.status()
     assert info is not None
     bootstrap = info.bootstrap
-    worker_settings = {"transaction_timeout": FREEZE_TXN_TIMEOUT_S} if outage == "freeze" else {}
+    frozen_s = OUTAGES[outage]
+    worker_settings = {"transaction_timeout": FREEZE_TXN_TIMEOUT_S} if frozen_s else {}
     mapping = pipeline_mapping(
         unique_prefix, bootstrap, tmp_path / "state", worker_id="steady", worker=worker_settings
     )
@@ -256,10 +258,13 @@ def test_worker_rides_out_a_broker_outage_mid_stream(
     config = config_from_mapping(mapping, environ={})
     ensure_topics(config)
     outages: list[int] = []
+    handled: set[str] = set()
+    consumer = PriorityConsumer(config, consumer_settings=FAST_GROUP_CLIENT)
     with (
         workers(bootstrap, config_path, tmp_path) as procs,
         TopicReader(bootstrap, TopicNames(unique_prefix).queue("default")) as reader,
         DeferClient(config) as client,
+        ConsumerThread(consumer, lambda event: handled.add(event.defer_id)) as consuming,
     ):
         worker = procs.start("steady", tmp_path / "state")
         worker.wait_assigned(TIERS)
@@ -270,11 +275,11 @@ def test_worker_rides_out_a_broker_outage_mid_stream(
             reader.poll_until(
                 lambda records: len(records) > 0, timeout=30, what="the first deliveries"
             )
-            if outage == "restart":
+            if not frozen_s:
                 assert own_broker.restart().pid != info.pid
             else:  # requests hang instead of being refused; open transactions time out
                 os.kill(info.pid, signal.SIGSTOP)
-                time.sleep(FREEZE_S)
+                time.sleep(frozen_s)
                 os.kill(info.pid, signal.SIGCONT)
             outages.append(chunk)
 
@@ -282,6 +287,12 @@ def test_worker_rides_out_a_broker_outage_mid_stream(
         ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
         # The same worker process, never restarted, delivered the whole stream.
         assert worker.proc.poll() is None, worker.log()[-3000:]
+        wait_until(
+            lambda: consuming.alive() and expected.keys() <= handled,
+            timeout=LEDGER_TIMEOUT_S,
+            what="the consumer to handle every event",
+            describe=lambda: f"{len(expected.keys() - handled)} not handled",
+        )
 
     assert outages == [CHUNKS // 2]
     ledger.assert_exactly_once()

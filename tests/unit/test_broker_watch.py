@@ -60,11 +60,19 @@ def test_only_logical_brokers_in_consecutive_reports_make_it_stranded(
     assert watch.stranded, "librdkafka never finds its brokers again: its owner replaces it"
 
 
-def test_settings_ask_for_statistics_delivered_to_the_watch() -> None:
+def test_settings_ask_for_statistics_and_keep_a_given_callback() -> None:
     watch = BrokerWatch("c")
-    settings = watch.settings()
-    assert settings["statistics.interval.ms"] == BROKER_WATCH_INTERVAL_MS
-    assert settings["stats_cb"] == watch.report
+    settings = watch.settings({"bootstrap.servers": "b:9092"})
+    assert settings == {
+        "statistics.interval.ms": BROKER_WATCH_INTERVAL_MS,
+        "stats_cb": watch.report,
+    }
+    theirs: list[str] = []
+    settings = watch.settings({"statistics.interval.ms": 1000, "stats_cb": theirs.append})
+    assert settings["statistics.interval.ms"] == 1000
+    for _ in range(STRANDED_REPORTS):
+        settings["stats_cb"](STRANDED)
+    assert watch.stranded and theirs == [STRANDED] * STRANDED_REPORTS
 
 
 def test_a_defer_client_replaces_a_producer_whose_sends_time_out() -> None:
