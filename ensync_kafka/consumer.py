@@ -322,15 +322,17 @@ class PriorityConsumer:
 
     def _start_over(self) -> None:
         """The Kafka consumer knows no broker any more (see BrokerWatch) and would never rejoin
-        the group. Drop what is buffered and uncommitted (the next
-        owner of those partitions, maybe this consumer again, handles it again: at least once)
-        and open new clients (the producer too: the same metadata response strands every client
-        that asked at that moment); the old ones are closed aside, as closing them can block."""
+        the group. Drop what is buffered and uncommitted (the next owner of those partitions,
+        maybe this consumer again, handles it again: at least once) and open new clients, the
+        producer too (the metadata response that stranded one strands every client that asked
+        then). The old ones are closed aside, as closing them can block; their rebalance
+        callbacks no longer touch this consumer's state (see _current)."""
         log.warning("consumer group %s: replacing its stranded Kafka clients", self.group)
-        retire(self._consumer, f"{self.group}-consumer")
-        retire(self._producer, f"{self.group}-producer")
+        old_consumer, old_producer = self._consumer, self._producer
         self._reset_state()
         self._open()
+        retire(old_consumer, f"{self.group}-consumer")
+        retire(old_producer, f"{self.group}-producer")
 
     def _close(self) -> None:
         try:
@@ -442,7 +444,14 @@ class PriorityConsumer:
 
     # -- rebalancing ----------------------------------------------------------------------------
 
+    def _current(self, consumer: Consumer) -> bool:
+        """Whether a rebalance callback comes from this consumer's Kafka consumer, not from one
+        replaced by _start_over and closing in the background."""
+        return consumer is self._consumer
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not self._current(consumer):
+            return
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)
@@ -452,6 +461,8 @@ class PriorityConsumer:
             log.info("consumer group %s: assigned %s", self.group, _describe(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not self._current(consumer):
+            return
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._forget_buffered(keys)
         try:
@@ -462,6 +473,8 @@ class PriorityConsumer:
             log.info("consumer group %s: revoked %s", self.group, _describe(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not self._current(consumer):
+            return
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._forget_buffered(keys)
         self._forget(keys)  # no commit: another member owns them already

@@ -698,14 +698,18 @@ class TierWorker:
         log.warning("tier %s: replacing the stranded consumer", self.tier.name)
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
         self._on_revoke(self.consumer, owned)
-        retire(self.consumer, f"{self.tier.name}-consumer")
-        retire(self.restorer, f"{self.tier.name}-restorer")
+        old_consumer, old_restorer = self.consumer, self.restorer
         self.consumer, self.restorer = self._new_consumers()
         self._subscribe()
+        # Swapped first: the old consumer's rebalance callbacks, run by its close, are ignored.
+        retire(old_consumer, f"{self.tier.name}-consumer")
+        retire(old_restorer, f"{self.tier.name}-restorer")
 
     # -- assignment and restore -----------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            return  # a replaced consumer closing in the background (_replace_consumers)
         self.rebalanced = True
         if not partitions:
             return
@@ -742,6 +746,8 @@ class TierWorker:
         self.hooks.on_assigned(self.tier.name, numbers)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            return  # a replaced consumer closing in the background (_replace_consumers)
         numbers = [tp.partition for tp in partitions]
         with self.lock:
             for p in numbers:
