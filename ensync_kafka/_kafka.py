@@ -28,16 +28,19 @@ def where(msg: Message) -> tuple[int, int]:
     return p, offset
 
 
-def retrying(call: Callable[[], None], attempts: int = 3) -> None:
+def retrying(
+    call: Callable[[], None], attempts: int = 3, give_up: Callable[[], bool] | None = None
+) -> None:
     """Repeat a transactional call on a retriable error, as librdkafka asks; an abortable or
-    fatal error propagates (a commit that timed out may have succeeded: it must not be aborted)."""
+    fatal error propagates (a commit that timed out may have succeeded: it must not be aborted),
+    and so does a retriable one once ``give_up()`` says retrying cannot help."""
     for attempt in range(attempts):
         try:
             call()
             return
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
-            if not err.retriable() or attempt == attempts - 1:
+            if not err.retriable() or attempt == attempts - 1 or (give_up and give_up()):
                 raise
 
 
@@ -109,7 +112,9 @@ def retire(client: Producer | Consumer, name: str) -> None:
             if isinstance(client, Producer):
                 client.purge()
             client.close()
-        except (KafkaException, RuntimeError) as exc:  # it is being thrown away
+        # It is being thrown away. A fenced producer's close() can return with the abort's
+        # KafkaException still set, which Python reports as a SystemError (confluent-kafka 2.16).
+        except (KafkaException, RuntimeError, SystemError) as exc:
             log.debug("%s: closing: %s", name, exc)
 
     threading.Thread(target=close, name=f"retire-{name}", daemon=True).start()

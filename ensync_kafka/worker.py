@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -198,6 +197,7 @@ class TierWorker:
         self.lock = threading.RLock()
         self.restoring: set[int] = set()
         self.rebalanced = False
+        self._producer_watches: dict[int, BrokerWatch] = {}
         self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
         self._renewals: list[float] = []
         self.producer = self.producers[0]
@@ -247,12 +247,15 @@ class TierWorker:
 
     def _new_producer(self, n: int) -> Producer:
         w = self.config.worker
+        client = self.config.kafka.client_settings()
+        watch = self._producer_watches[n] = BrokerWatch(f"tier {self.tier.name}: producer {n}")
         return Producer(
             {
-                **self.config.kafka.client_settings(),
+                **client,
                 "transactional.id": transactional_id(self.config.prefix, self.tier.name, w.id, n),
                 "transaction.timeout.ms": int(w.transaction_timeout * 1000),
                 **TRANSACTIONAL_PRODUCER_SETTINGS,
+                **watch.settings(client),
             }
         )
 
@@ -296,6 +299,7 @@ class TierWorker:
     def step(self) -> None:
         """Consume a batch, release what is due, commit both in one transaction."""
         if self._consumer_watch.stranded:
+            log.warning("tier %s: replacing the stranded consumer", self.tier.name)
             self._replace_consumers()
         msgs = self.consumer.consume(self.config.worker.intake_batch_size, self._wait_s())
         now = now_ms()
@@ -519,8 +523,11 @@ class TierWorker:
 
         started = turn.started
         produce, state_topic = producer.produce, self.state_topic
+        watch = self._producer_watches[self.producers.index(producer)]
         begun = time.monotonic()
         try:
+            if watch.stranded:  # it would wait for good: replace it (_abort, _start_over)
+                raise KafkaException(KafkaError(KafkaError._TRANSPORT, f"{watch.name}: stranded"))
             producer.begin_transaction()
             for topic, key, value, headers in turn.records:
                 try:
@@ -540,7 +547,10 @@ class TierWorker:
             if offsets:
                 tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
                 metadata = self.consumer.consumer_group_metadata()
-                retrying(lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S))
+                retrying(
+                    lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S),
+                    give_up=lambda: watch.stranded,
+                )
             offsets_sent = time.monotonic()
             producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
             acked = time.monotonic()
@@ -551,7 +561,9 @@ class TierWorker:
             while now_ms() < turn.commit_not_before_ms:
                 time.sleep(0.0005)
             held = time.monotonic()
-            retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S))
+            retrying(
+                lambda: producer.commit_transaction(TXN_TIMEOUT_S), give_up=lambda: watch.stranded
+            )
             committed = time.monotonic()
             committed_at = now_ms()
         except KafkaException as exc:
@@ -650,8 +662,10 @@ class TierWorker:
     def _start_over(self, exc: KafkaException) -> None:
         """Do in-process what a restart would: a new producer with the same transactional id,
         whose init_transactions fences this one and completes or aborts what it left open, then
-        the owned partitions' state and positions from Kafka again, since only the broker knows
-        how that transaction ended. At most PRODUCER_RENEWALS_MAX times in the window."""
+        new consumers that join the group again and read the partitions' state and positions
+        from Kafka, since only the broker knows how that transaction ended (and the consumer may
+        be stranded with the producer: BrokerWatch). At most PRODUCER_RENEWALS_MAX times in the
+        window."""
         err: KafkaError = exc.args[0]
         now = time.monotonic()
         self._renewals = [t for t in self._renewals if now - t < PRODUCER_RENEWAL_WINDOW_S]
@@ -676,26 +690,13 @@ class TierWorker:
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
         retire(old, f"{self.tier.name}-producer-{n}")
-        owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
-        self._on_revoke(self.consumer, owned)
-        try:
-            self._on_assign(self.consumer, owned)
-        except KafkaException as assign_exc:
-            # The consumer cannot reach its group coordinator either: one broker stall can
-            # strand it with the producer (BrokerWatch). Join the group again instead.
-            log.warning("tier %s: taking partitions back: %s", self.tier.name, assign_exc)
-            self._replace_consumers()
-            return
-        for tp in owned:
-            offset = self.positions.get(tp.partition, OFFSET_BEGINNING)
-            self.consumer.seek(TopicPartition(self.topic, tp.partition, offset))
+        self._replace_consumers()
 
     def _replace_consumers(self) -> None:
-        """The tier consumer knows no broker any more and will never rejoin its group (see
-        BrokerWatch): let its partitions go as a lost assignment does (nothing uncommitted is
-        kept), and join again with new clients. The restorer is replaced too: the same metadata
-        response strands every client that asked for metadata at that moment."""
-        log.warning("tier %s: replacing the stranded consumer", self.tier.name)
+        """Let the owned partitions go as a lost assignment does (nothing uncommitted is kept)
+        and join the group again with a new consumer and restorer: after a start-over, or when
+        the consumer knows no broker any more and would never rejoin (BrokerWatch; the same
+        metadata response strands every client that asked for metadata at that moment)."""
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
         self._on_revoke(self.consumer, owned)
         old_consumer, old_restorer = self.consumer, self.restorer

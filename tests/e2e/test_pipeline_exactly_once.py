@@ -1,5 +1,5 @@
 """Exactly-once ledgers with real worker processes: a SIGKILL mid-stream, rebalances, and the
-broker itself restarted.
+broker itself restarted or frozen.
 
 A stream of deferrals with random delays (0.5-4 s) and priorities over two tiers is sent while
 the workers are disturbed; then every defer_id must be delivered exactly once, never early, to a
@@ -41,11 +41,11 @@ LEDGER_TIMEOUT_S = 90.0
 SIGTERM_EXIT_S = 10.0
 FREEZE_TXN_TIMEOUT_S = 4.0
 OUTAGES = {"restart": 0.0, "freeze": 7.0, "freeze-past-session": 12.0}
-"""Seconds the broker is frozen (SIGSTOP). 7 s is longer than the worker's transaction timeout
-in that test (FREEZE_TXN_TIMEOUT_S), so the coordinator aborts what was open. 12 s is longer
-than the broker's own KRaft session (9 s): on waking it is fenced for a moment and answers
-Metadata requests with no brokers, which strands the librdkafka clients that ask then
-(librdkafka #5301, _kafka.BrokerWatch) until they are replaced."""
+"""Seconds the broker is frozen (SIGSTOP; 0: restarted instead). 7 s is longer than the
+worker's transaction timeout in that test (FREEZE_TXN_TIMEOUT_S), so the coordinator aborts
+what was open. 12 s is longer than the broker's own KRaft session (9 s): on waking it is fenced
+for a moment and answers Metadata requests with no brokers, which strands the librdkafka
+clients that ask then (librdkafka #5301, _kafka.BrokerWatch) until they are replaced."""
 # A killed worker's group membership lingers until its session times out; keep that short so
 # the restarted worker gets its partitions back in seconds (the broker's minimum is 6 s).
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
