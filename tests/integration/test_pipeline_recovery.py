@@ -5,18 +5,25 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest, ensure_topics
 from ensync_kafka._kafka import STRANDED_REPORTS
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
-from ensync_kafka.worker import PRODUCER_RENEWALS_MAX, TRANSACTIONAL_PRODUCERS, transactional_id
+from ensync_kafka.worker import (
+    PRODUCER_RENEWALS_MAX,
+    TRANSACTIONAL_PRODUCERS,
+    TierWorker,
+    transactional_id,
+)
 from tests.helpers import (
+    Ledger,
     TopicReader,
     WorkerThread,
     audit_records,
@@ -237,46 +244,66 @@ def _fence(bootstrap: str, transactional_id: str) -> None:
     intruder.flush(5)
 
 
-def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
-) -> None:
-    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", worker_id="f")
+def _disturbed_mid_stream(
+    bootstrap: str,
+    prefix: str,
+    tmp_path: Path,
+    disturb: Callable[[TierWorker], None],
+    settled: Callable[[TierWorker], None],
+) -> Ledger:
+    """150 deferrals, ``disturb(tier)`` once the first are delivered, 150 more; ``settled(tier)``
+    waits for the worker's recovery before it stops, and the ledger covers both batches."""
+    config = pipeline_config(prefix, bootstrap, tmp_path / "state", worker_id="d")
     ensure_topics(config)
     expected: dict[str, int] = {}
     with (
         WorkerThread(config, ["1s"]) as worker,
-        queue_reader(kafka_bootstrap, unique_prefix) as reader,
+        queue_reader(bootstrap, prefix) as reader,
         DeferClient(config) as client,
     ):
         tier = worker.worker.tiers[0]
 
         def send(batch: int) -> None:
             requests = [
-                DeferRequest(name="f", payload=i, delay=0.2 + i / 200, defer_id=f"b{batch}-{i}")
+                DeferRequest(name="d", payload=i, delay=0.2 + i / 200, defer_id=f"b{batch}-{i}")
                 for i in range(150)
             ]
             expected.update({r.defer_id: to_ms(r.due_at) for r in client.defer_many(requests)})
 
         send(0)
         reader.poll_until(lambda r: len(r) > 0, timeout=WAIT_S, what="the first deliveries")
-        for n in range(TRANSACTIONAL_PRODUCERS):  # both, while releases are under way
-            _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "f", n))
+        disturb(tier)
         send(1)
-        ledger = collect_ledger(kafka_bootstrap, [], expected, timeout=WAIT_S, reader=reader)
+        ledger = collect_ledger(bootstrap, [], expected, timeout=WAIT_S, reader=reader)
+        settled(tier)
+        assert worker.error is None
+    return ledger
+
+
+def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    def disturb(tier: TierWorker) -> None:
+        for n in range(TRANSACTIONAL_PRODUCERS):  # both, while releases are under way
+            _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "d", n))
+
+    def settled(tier: TierWorker) -> None:
         # At least both; a replacement that races an intruder's own start is fenced once more.
         wait_until(
             lambda: len(tier._renewals) >= TRANSACTIONAL_PRODUCERS,
             timeout=WAIT_S,
             what="both fenced producers replaced",
         )
-        assert worker.error is None
         # The fenced producers are closed, not kept: their retiring threads end.
         wait_until(
             lambda: not [t for t in threading.enumerate() if t.name.startswith("retire-")],
             timeout=WAIT_S,
             what="the replaced producers to close",
         )
-    ledger.assert_exactly_once()
+
+    _disturbed_mid_stream(
+        kafka_bootstrap, unique_prefix, tmp_path, disturb, settled
+    ).assert_exactly_once()
 
 
 def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
@@ -284,40 +311,26 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
 ) -> None:
     """The tier consumer reports no broker (as after librdkafka #5301) mid-stream: the worker
     lets its partitions go, joins again with new clients, and delivers each deferral once."""
-    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", worker_id="s")
-    ensure_topics(config)
-    expected: dict[str, int] = {}
     stranded_stats = json.dumps(
         {"brokers": {"GroupCoordinator": {"source": "logical", "state": "TRY_CONNECT"}}}
     )
-    with (
-        WorkerThread(config, ["1s"]) as worker,
-        queue_reader(kafka_bootstrap, unique_prefix) as reader,
-        DeferClient(config) as client,
-    ):
-        tier = worker.worker.tiers[0]
+    stranded: list[Consumer] = []
 
-        def send(batch: int) -> None:
-            requests = [
-                DeferRequest(name="s", payload=i, delay=0.2 + i / 200, defer_id=f"b{batch}-{i}")
-                for i in range(150)
-            ]
-            expected.update({r.defer_id: to_ms(r.due_at) for r in client.defer_many(requests)})
-
-        send(0)
-        reader.poll_until(lambda r: len(r) > 0, timeout=WAIT_S, what="the first deliveries")
-        stranded = tier.consumer
+    def disturb(tier: TierWorker) -> None:
+        stranded.append(tier.consumer)
         for _ in range(STRANDED_REPORTS):
             tier._consumer_watch.report(stranded_stats)
-        send(1)
+
+    def settled(tier: TierWorker) -> None:
         wait_until(
-            lambda: tier.consumer is not stranded and bool(tier.stores),
+            lambda: tier.consumer is not stranded[0] and bool(tier.stores),
             timeout=WAIT_S,
             what="a new consumer with the partitions back",
         )
-        ledger = collect_ledger(kafka_bootstrap, [], expected, timeout=WAIT_S, reader=reader)
-        assert worker.error is None
-    ledger.assert_exactly_once()
+
+    _disturbed_mid_stream(
+        kafka_bootstrap, unique_prefix, tmp_path, disturb, settled
+    ).assert_exactly_once()
 
 
 def test_a_producer_fenced_again_and_again_stops_the_worker(
