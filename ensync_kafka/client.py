@@ -206,14 +206,19 @@ class DeferClient:
                 progress(done[0], total)
 
         producer = self._producer
-        for topic, key, value, _ in prepared:
-            while True:
-                try:
-                    producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        remaining = producer.flush(DELIVERY_TIMEOUT_S)
+        try:
+            for topic, key, value, _ in prepared:
+                while True:
+                    try:
+                        producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            remaining = producer.flush(DELIVERY_TIMEOUT_S)
+        except RuntimeError as exc:  # closed: another call's timeout replaced it meanwhile
+            raise BrokerError(
+                f"deferrals not acknowledged: the producer was replaced ({exc})"
+            ) from exc
         if remaining or any(err.code() == KafkaError._MSG_TIMED_OUT for _, err in failures):
             self._replace_producer(producer)
         if remaining:

@@ -48,7 +48,7 @@ from tests.helpers import (
 
 WAIT_S = 30.0
 LOGICAL = {"name": "GroupCoordinator", "nodeid": -1, "source": "logical", "state": "TRY_CONNECT"}
-"""The one broker a stranded client's statistics list (tests/unit/test_broker_watch.py)."""
+"""The one broker a stranded client's statistics list (tests/unit/test_stranded_clients.py)."""
 TIERS = ({"name": "all", "span": 3600},)
 """One tier for every delay the tests use, so one in-process tier worker serves them all."""
 

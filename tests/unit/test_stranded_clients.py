@@ -86,3 +86,12 @@ def test_a_defer_client_replaces_a_producer_whose_sends_time_out() -> None:
     assert raised.value.code == KafkaError._MSG_TIMED_OUT
     assert client._producer is not first
     assert isinstance(client._producer, Producer)
+
+
+def test_a_send_on_a_producer_replaced_meanwhile_raises_a_broker_error() -> None:
+    """Another thread's timed-out send replaced (and closed) the producer this call had taken."""
+    config = config_from_mapping({"kafka": {"bootstrap_servers": "127.0.0.1:9"}}, environ={})
+    client = DeferClient(config)
+    client._producer.close()
+    with pytest.raises(BrokerError, match="producer was replaced"):
+        client.defer("n", 1, delay=1)
