@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from ensync_kafka._kafka import STRANDED_REPORTS, BrokerWatch
 from ensync_kafka.codec import AUDIT, DELIVERED, INVALID
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.consumer import PriorityConsumer
@@ -168,6 +169,15 @@ class WorkerThread:
         else:  # the test already failed: stop, but do not mask its error
             self.worker.stop()
             self._thread.join(WORKER_STOP_TIMEOUT_S)
+
+
+def strand(watch: BrokerWatch) -> None:
+    """Make ``watch`` report its client stranded, as librdkafka's statistics do after librdkafka
+    #5301: only the logical coordinator handle is left (tests/unit/test_stranded_clients.py)."""
+    logical = {"name": "GroupCoordinator", "nodeid": -1, "source": "logical"}
+    stats = json.dumps({"brokers": {"GroupCoordinator": {**logical, "state": "TRY_CONNECT"}}})
+    for _ in range(STRANDED_REPORTS):
+        watch.report(stats)
 
 
 class ConsumerThread:

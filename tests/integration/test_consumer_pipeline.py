@@ -6,7 +6,6 @@ dead topic with one alert, redrive delivered once, rate limiting and load sheddi
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -31,7 +30,6 @@ from ensync_kafka import (
     read_dead_letters,
     redrive_dead_letters,
 )
-from ensync_kafka._kafka import STRANDED_REPORTS
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.hooks import WorkerHooks
 from ensync_kafka.models import to_ms
@@ -43,12 +41,11 @@ from tests.helpers import (
     audit_records,
     invalid_records,
     pipeline_mapping,
+    strand,
     wait_until,
 )
 
 WAIT_S = 30.0
-LOGICAL = {"name": "GroupCoordinator", "nodeid": -1, "source": "logical", "state": "TRY_CONNECT"}
-"""The one broker a stranded client's statistics list (tests/unit/test_stranded_clients.py)."""
 TIERS = ({"name": "all", "span": 3600},)
 """One tier for every delay the tests use, so one in-process tier worker serves them all."""
 
@@ -183,8 +180,7 @@ def test_a_stranded_consumer_starts_over_and_handles_every_event(
             )
             wait_until(lambda: len(recorder.calls) >= 20, timeout=WAIT_S, what="first events")
             stranded = consumer._consumer
-            for _ in range(STRANDED_REPORTS):
-                consumer._watch.report(json.dumps({"brokers": {"GroupCoordinator": LOGICAL}}))
+            strand(consumer._watch)
             wait_until(
                 lambda: consumer._consumer is not stranded and bool(consumer.assignment),
                 timeout=WAIT_S,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from collections.abc import Callable
@@ -13,7 +12,6 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest, ensure_topics
-from ensync_kafka._kafka import STRANDED_REPORTS
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from ensync_kafka.worker import (
@@ -23,7 +21,6 @@ from ensync_kafka.worker import (
     transactional_id,
 )
 from tests.helpers import (
-    Ledger,
     TopicReader,
     WorkerThread,
     audit_records,
@@ -31,6 +28,7 @@ from tests.helpers import (
     delivered,
     pipeline_config,
     queue_reader,
+    strand,
     wait_until,
 )
 
@@ -244,15 +242,16 @@ def _fence(bootstrap: str, transactional_id: str) -> None:
     intruder.flush(5)
 
 
-def _disturbed_mid_stream(
+def _assert_exactly_once_across(
     bootstrap: str,
     prefix: str,
     tmp_path: Path,
     disturb: Callable[[TierWorker], None],
     settled: Callable[[TierWorker], None],
-) -> Ledger:
+) -> None:
     """150 deferrals, ``disturb(tier)`` once the first are delivered, 150 more; ``settled(tier)``
-    waits for the worker's recovery before it stops, and the ledger covers both batches."""
+    waits for the worker's recovery before it stops; then both batches were delivered exactly
+    once."""
     config = pipeline_config(prefix, bootstrap, tmp_path / "state", worker_id="d")
     ensure_topics(config)
     expected: dict[str, int] = {}
@@ -277,7 +276,7 @@ def _disturbed_mid_stream(
         ledger = collect_ledger(bootstrap, [], expected, timeout=WAIT_S, reader=reader)
         settled(tier)
         assert worker.error is None
-    return ledger
+    ledger.assert_exactly_once()
 
 
 def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
@@ -301,9 +300,7 @@ def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
             what="the replaced producers to close",
         )
 
-    _disturbed_mid_stream(
-        kafka_bootstrap, unique_prefix, tmp_path, disturb, settled
-    ).assert_exactly_once()
+    _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
 
 
 def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
@@ -311,15 +308,11 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
 ) -> None:
     """The tier consumer reports no broker (as after librdkafka #5301) mid-stream: the worker
     lets its partitions go, joins again with new clients, and delivers each deferral once."""
-    stranded_stats = json.dumps(
-        {"brokers": {"GroupCoordinator": {"source": "logical", "state": "TRY_CONNECT"}}}
-    )
     stranded: list[Consumer] = []
 
     def disturb(tier: TierWorker) -> None:
         stranded.append(tier.consumer)
-        for _ in range(STRANDED_REPORTS):
-            tier._consumer_watch.report(stranded_stats)
+        strand(tier._consumer_watch)
 
     def settled(tier: TierWorker) -> None:
         wait_until(
@@ -328,9 +321,7 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
             what="a new consumer with the partitions back",
         )
 
-    _disturbed_mid_stream(
-        kafka_bootstrap, unique_prefix, tmp_path, disturb, settled
-    ).assert_exactly_once()
+    _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
 
 
 def test_a_producer_fenced_again_and_again_stops_the_worker(
