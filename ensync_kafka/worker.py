@@ -32,6 +32,7 @@ from confluent_kafka import (
 
 from . import audit, control
 from ._kafka import BrokerWatch, retire, retrying, where
+from ._sticky import StickyPartitions
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
@@ -100,7 +101,8 @@ class _Turn:
 
     started: float = 0.0
     """time.monotonic() when the turn began staging: its preparation time runs from here."""
-    records: list[tuple[str, bytes | None, bytes | None, Any]] = field(default_factory=list)
+    records: list[tuple[str, bytes | None, bytes | None, Any, int]] = field(default_factory=list)
+    """(topic, key, value, headers, partition); partition -1: the producer's partitioner."""
     changelog: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
     first_offset: dict[int, int] = field(default_factory=dict)
     next_offset: dict[int, int] = field(default_factory=dict)
@@ -123,7 +125,7 @@ class _Turn:
         self.changelog.setdefault(partition, []).append((key, value))
 
     def emit(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
-        self.records.append((topic, key, value, headers))
+        self.records.append((topic, key, value, headers, -1))
 
     @property
     def empty(self) -> bool:
@@ -198,6 +200,7 @@ class TierWorker:
         self.restoring: set[int] = set()
         self.rebalanced = False
         self._producer_watches: dict[int, BrokerWatch] = {}
+        self._sticky = StickyPartitions({})  # the priority topics' partitions are learnt in run()
         self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
         self._renewals: list[float] = []
         self.producer = self.producers[0]
@@ -268,8 +271,15 @@ class TierWorker:
         # Connect the restore consumer, and learn every output topic's partitions, now rather
         # than in the first assignment's or the first release's critical path.
         self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
-        for producer in self.producers:
-            producer.list_topics(timeout=TXN_TIMEOUT_S)
+        clusters = [producer.list_topics(timeout=TXN_TIMEOUT_S) for producer in self.producers]
+        topics = clusters[0].topics
+        self._sticky = StickyPartitions(
+            {
+                topic: len(topics[topic].partitions)
+                for topic in self._priority_topics.values()
+                if topic in topics and topics[topic].error is None
+            }
+        )
         self._subscribe()
         log.info("tier %s: worker %s started", self.tier.name, self.config.worker.id)
         try:
@@ -378,7 +388,7 @@ class TierWorker:
         key = timer_key(rec["due_at"], rec["priority"], defer_id)
         turn.change(p, TIMER + key, value)
         audit_value = self._audit(audit.DEFERRED, rec, now, rec["reason"])
-        turn.records.append((self.names.audit, key[9:], audit_value, None))
+        turn.records.append((self.names.audit, key[9:], audit_value, None, -1))
 
     def _control(
         self, op: bytes, msg: Message, store: PartitionStore, turn: _Turn, now: int
@@ -449,23 +459,34 @@ class TierWorker:
         records, changelog, released = turn.records, turn.changelog, turn.released
         audit_topic, topics = self.names.audit, self._priority_topics
         decode, audit_of, DELIVERED = DEFERRAL.decode, self._audit, audit.DELIVERED
+        sticky = self._sticky
+        sticky.new_turn()
         for p, timer in due:
             value = timer.value
             rec = decode(value)
             id_bytes = timer.key[9:]
             headers = rec["headers"]
             queue, priority = rec["queue"], rec["priority"]
+            # A queue dropped from the config since intake still gets its delivery.
+            topic = topics.get((queue, priority)) or self.names.priority(queue, priority)
+            key = rec["key"]
             records.append(
                 (
-                    # A queue dropped from the config since intake still gets its delivery.
-                    topics.get((queue, priority)) or self.names.priority(queue, priority),
-                    rec["key"] or id_bytes,
+                    topic,
+                    key or id_bytes,
                     value + delivered_tail,
                     [(h["key"], h["value"]) for h in headers] if headers else None,
+                    -1 if key else sticky.partition(topic),
                 )
             )
             records.append(
-                (audit_topic, id_bytes, audit_of(DELIVERED, rec, released_at, rec["reason"]), None)
+                (
+                    audit_topic,
+                    id_bytes,
+                    audit_of(DELIVERED, rec, released_at, rec["reason"]),
+                    None,
+                    -1,
+                )
             )
             changes = changelog.get(p)
             if changes is None:
@@ -529,11 +550,11 @@ class TierWorker:
             if watch.stranded:  # it would wait for good: replace it (_abort, _start_over)
                 raise KafkaException(KafkaError(KafkaError._TRANSPORT, f"{watch.name}: stranded"))
             producer.begin_transaction()
-            for topic, key, value, headers in turn.records:
+            for topic, key, value, headers, partition in turn.records:
                 try:
-                    produce(topic, value, key, headers=headers)
+                    produce(topic, value, key, partition, headers=headers)
                 except BufferError:
-                    self._produce(topic, key, value, headers=headers)
+                    self._produce(topic, key, value, partition=partition, headers=headers)
             for p, changes in turn.changelog.items():
                 for key, value in changes[:-1]:
                     try:

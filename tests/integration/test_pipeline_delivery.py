@@ -5,11 +5,12 @@ Timing, priority, tier routing and the audit trail of ordinary deferrals.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from ensync_kafka import DeferClient, ensure_topics
+from ensync_kafka import DeferClient, DeferRequest, ensure_topics
 from ensync_kafka.models import JSON, to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
@@ -214,3 +215,43 @@ def test_audit_trail_deferred_and_delivered_with_reason(
     # Every audit record is keyed by its defer_id.
     keyed = [r for r in audit_reader.records if r.key == receipt.defer_id.encode()]
     assert len(keyed) == 2
+
+
+def test_keyed_events_keep_their_order_and_keyless_ones_share_a_partition_per_turn(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """A keyed event's record goes where its key hashes (per-key order holds); the keyless
+    events released in one turn go to one partition per priority topic (worker._sticky)."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", partitions=6)
+    ensure_topics(config)
+    at = datetime.now(UTC) + timedelta(seconds=2)
+    keyed = [
+        DeferRequest(
+            name="ordered", payload={"n": n}, at=at + timedelta(milliseconds=300 * n), key="k-A"
+        )
+        for n in range(4)
+    ]
+    keyless = [DeferRequest(name="batch", payload={"n": n}, at=at, priority=2) for n in range(24)]
+    with (
+        WorkerThread(config),
+        queue_reader(kafka_bootstrap, unique_prefix) as reader,
+        DeferClient(config) as client,
+    ):
+        receipts = client.defer_many([*keyed, *keyless])
+        reader.poll_until(
+            lambda records: len(records) >= len(receipts), timeout=WAIT_S, what="every deferral"
+        )
+        reader.drain(0.5)
+
+    events = delivered(reader.records)
+    assert sorted(d.event.defer_id for d in events) == sorted(r.defer_id for r in receipts)
+    ordered = sorted(
+        (d for d in events if d.event.name == "ordered"), key=lambda d: d.record.offset
+    )
+    assert len({d.record.partition for d in ordered}) == 1
+    assert [d.event.json()["n"] for d in ordered] == [0, 1, 2, 3]
+    batch = [d for d in events if d.event.name == "batch"]
+    assert len(batch) == len(keyless)
+    # One due time, released in one turn: one partition, though their ids hash all over six.
+    assert len({d.record.partition for d in batch}) == 1
+    assert all(d.record.key == d.event.defer_id.encode() for d in batch)
