@@ -7,10 +7,9 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, Producer
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest, ensure_topics
 from ensync_kafka.models import to_ms
@@ -321,85 +320,6 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
             timeout=WAIT_S,
             what="a new consumer with the partitions back",
         )
-
-    _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
-
-
-def _fail_a_commit(tier: TierWorker, within: str, when: Callable[..., bool]) -> list[str]:
-    """Make one commit of the open turn fail with an abortable error: the first one made inside
-    ``tier.<within>(...)`` called with arguments ``when`` accepts. Returns the list that records
-    the failure (one entry) once it happened."""
-    failed: list[str] = []
-    commit, method = tier._commit, getattr(tier, within)
-    armed = threading.local()
-
-    def failing_commit(turn: Any) -> None:
-        if failed or not getattr(armed, "on", False):
-            commit(turn)
-            return
-        failed.append(within)
-        raise KafkaException(KafkaError(KafkaError._STATE, "injected", txn_requires_abort=True))
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        armed.on = when(*args, **kwargs)
-        try:
-            return method(*args, **kwargs)
-        finally:
-            armed.on = False
-
-    tier._commit = failing_commit  # type: ignore[method-assign]
-    setattr(tier, within, wrapped)
-    return failed
-
-
-def test_a_failed_commit_aborts_the_turn_sent_after_it_and_reads_both_again(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
-) -> None:
-    """The open turn's commit fails while the next turn is already sent (worker "the
-    transactions"): both abort, and their intake is read again."""
-
-    def disturb(tier: TierWorker) -> None:
-        recorded = _fail_a_commit(
-            tier, "_settle", lambda later=None: later is not None and later.producer is not None
-        )
-        wait_until(lambda: recorded, timeout=WAIT_S, what="a commit with the next turn sent")
-
-    def settled(tier: TierWorker) -> None:
-        wait_until(lambda: tier.stats.aborts >= 1, timeout=WAIT_S, what="the abort")
-
-    _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
-
-
-def test_a_commit_failing_in_a_rebalance_callback_is_aborted_after_it(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
-) -> None:
-    """Partitions change hands only after the open turn commits; when that commit fails inside
-    the callback, the turn is aborted once consume() returns and what it read is read again."""
-    failures: list[list[str]] = []
-
-    def disturb(tier: TierWorker) -> None:
-        failed = _fail_a_commit(tier, "_settle_for_rebalance", lambda: tier._open is not None)
-        failures.append(failed)
-        send = tier._send
-
-        def send_then_strand(turn: Any) -> bool:
-            # This turn is still open at the next step's start, where the stranded consumer is
-            # replaced and its partitions revoked.
-            sent = send(turn)
-            if sent and not failed:
-                strand(tier._consumer_watch)
-            return sent
-
-        tier._send = send_then_strand  # type: ignore[method-assign]
-
-    def settled(tier: TierWorker) -> None:
-        (failed,) = failures
-        wait_until(
-            lambda: failed and tier.stats.aborts >= 1 and bool(tier.stores),
-            timeout=WAIT_S,
-            what="the failed commit, its abort, and the partitions back",
-        )
-        assert failed == ["_settle_for_rebalance"]
 
     _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
 
