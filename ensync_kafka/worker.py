@@ -112,21 +112,9 @@ class _Turn:
     controls: list[control.Effect] = field(default_factory=list)
     commit_not_before_ms: int = 0
     """The latest due time released in this turn: the commit waits for it."""
-    released_keys: set[bytes] = field(default_factory=set)
-    """The timer keys released: the next turn, staged before this one is applied, skips them."""
     accepted: int = 0
     duplicates: int = 0
     invalid: int = 0
-    producer: Producer | None = None
-    """Set when the turn's transaction is begun."""
-    last_offsets: dict[int, int] = field(default_factory=dict)
-    """The changelog offset reached per partition (delivery reports)."""
-    begun: float = 0.0
-    produced: float = 0.0
-    offsets_sent: float = 0.0
-    acked: float = 0.0
-    held: float = 0.0
-    committed: float = 0.0
 
     def consumed(self, msg: Message) -> None:
         p, offset = where(msg)
@@ -218,9 +206,6 @@ class TierWorker:
         self.producer = self.producers[0]
         """The producer of the next transaction; they take turns (TRANSACTIONAL_PRODUCERS)."""
         self._turns = 0
-        self._open: _Turn | None = None
-        """The turn sent and not yet committed (see "the transactions")."""
-        self._rebalance_failure: tuple[_Turn, KafkaException] | None = None
         self.consumer, self.restorer = self._new_consumers()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -305,15 +290,6 @@ class TierWorker:
 
     def _shutdown(self) -> None:
         try:
-            self._settle_for_rebalance()  # the open turn commits before the partitions move on
-            if self._rebalance_failure is not None:
-                turn, exc = self._rebalance_failure
-                log.warning("tier %s: open transaction at stop: %s", self.tier.name, exc)
-                try:
-                    if turn.producer is not None:
-                        turn.producer.abort_transaction(5)
-                except KafkaException as abort_exc:  # the broker aborts it, or a restart does
-                    log.warning("tier %s: abort at stop: %s", self.tier.name, abort_exc)
             self.consumer.close()  # leaves the group: partitions move on at once
         finally:
             self.restorer.close()
@@ -331,21 +307,11 @@ class TierWorker:
     # -- one turn -----------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Consume a batch, stage what is due with it, and send that as a transaction; then
-        commit the previous turn's, which has been waiting for its acknowledgements meanwhile."""
+        """Consume a batch, release what is due, commit both in one transaction."""
         if self._consumer_watch.stranded:
             log.warning("tier %s: replacing the stranded consumer", self.tier.name)
             self._replace_consumers()
-        wait = self._wait_s()
-        if wait > 0 and self._open is not None:
-            # Nothing else is due before the wait ends: the open turn's releases go out now.
-            if not self._settle():
-                return
-            wait = self._wait_s()
-        msgs = self.consumer.consume(self.config.worker.intake_batch_size, wait)
-        if self._rebalance_failure is not None:
-            self._recover_from_rebalance(msgs)
-            return
+        msgs = self.consumer.consume(self.config.worker.intake_batch_size, self._wait_s())
         now = now_ms()
         turn = _Turn(started=time.monotonic())
         # Release first: the turn's intake work then overlaps the wait for the latest due time
@@ -360,18 +326,10 @@ class TierWorker:
                     )
                 log.warning("tier %s: consumer error: %s", self.tier.name, err.str())
                 continue
-            if self._open is not None and control.control_op(msg) is not None:
-                # A cancel or reschedule reads the store: the open turn's changes go in first.
-                turn.consumed(msg)  # so that a failure below seeks back to it too
-                if not self._settle(later=turn):
-                    return
             self._intake(msg, turn, now)
         self._expire_markers(now, turn)
-        sent = not turn.empty and self._send(turn)
-        if not self._settle(later=turn if sent else None):
-            return
-        if sent:
-            self._open = turn
+        if not turn.empty:
+            self._commit(turn)
         self._log_stats()
 
     def _wait_s(self) -> float:
@@ -417,12 +375,7 @@ class TierWorker:
             self._quarantine(msg, problem or "undecodable", turn, now)
             return
         defer_id = rec["defer_id"]
-        open_turn = self._open
-        if (
-            defer_id in turn.seen
-            or (open_turn is not None and defer_id in open_turn.seen)
-            or store.knows(defer_id)
-        ):
+        if defer_id in turn.seen or store.knows(defer_id):
             turn.duplicates += 1
             reason = "duplicate defer_id: already held or delivered"
             turn.emit(
@@ -504,7 +457,6 @@ class TierWorker:
         delivered_tail = delivered_suffix(released_at, self.tier.name)
         marker_delivered = marker_tail("DELIVERED", released_at)
         records, changelog, released = turn.records, turn.changelog, turn.released
-        released_keys = turn.released_keys
         audit_topic, topics = self.names.audit, self._priority_topics
         decode, audit_of, DELIVERED = DEFERRAL.decode, self._audit, audit.DELIVERED
         sticky = self._sticky
@@ -542,25 +494,18 @@ class TierWorker:
             changes.append((TIMER + timer.key, None))
             changes.append((MARKER_PREFIX + id_bytes, marker_value(id_bytes, marker_delivered)))
             released.append(rec)
-            released_keys.add(timer.key)
 
     def _due_timers(self, now: int) -> list[tuple[int, Timer]]:
         """On-time timers (and those due within the lookahead) in due order, then the overdue
-        backlog highest priority first, oldest first, paced by the catch-up bucket. Timers the
-        open turn releases are still in the store: they are read past, not again."""
+        backlog highest priority first, oldest first, paced by the catch-up bucket."""
         budget = self.config.worker.fire_batch_size
-        skip = self._open.released_keys if self._open is not None else frozenset()
         on_time_from = now - self._grace_ms
         due: list[tuple[int, Timer]] = []
         for p, store in self.stores.items():
             if budget <= len(due):
-                break
-            timers = store.due(
-                on_time_from, now + self._lookahead_ms + 1, budget - len(due) + len(skip)
-            )
-            due.extend((p, t) for t in timers if t.key not in skip)
-        if budget <= len(due):
-            return due[:budget]
+                return due
+            timers = store.due(on_time_from, now + self._lookahead_ms + 1, budget - len(due))
+            due.extend((p, t) for t in timers)
         backlog = min(budget - len(due), self._bucket.available())
         released = 0
         for priority in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1):
@@ -569,8 +514,7 @@ class TierWorker:
             candidates = sorted(
                 (timer.key, p, timer)
                 for p, store in self.stores.items()
-                for timer in store.overdue(priority, on_time_from, backlog - released + len(skip))
-                if timer.key not in skip
+                for timer in store.overdue(priority, on_time_from, backlog - released)
             )
             for _, p, timer in candidates[: backlog - released]:
                 due.append((p, timer))
@@ -587,51 +531,39 @@ class TierWorker:
             for defer_id in store.expired_markers(before, self.config.worker.fire_batch_size):
                 turn.change(p, MARKER_PREFIX + defer_id.encode(), None)
 
-    # -- the transactions ---------------------------------------------------------------------
-    #
-    # Two turns overlap: turn k is sent (begun, produced, its offsets added) while turn k-1, on
-    # the other producer, still waits for its acknowledgements; then k-1 commits. So one turn's
-    # round trips run under the next one's staging, and timers come due into a new turn about
-    # twice as often as a whole turn takes (bench/txn_probe.py: "concurrent transactions").
-    # Turn k is staged without k-1's changes in the store: it leaves k-1's releases alone and
-    # counts k-1's intake as known. Commits keep the turns' order, and turn k never commits
-    # after k-1 failed: the consumer offsets it carries would skip k-1's intake.
+    # -- the transaction ----------------------------------------------------------------------
 
-    def _send(self, turn: _Turn) -> bool:
-        """Begin the turn's transaction on the next producer and hand it everything; False if
-        that failed (the turn is then aborted, its intake to be read again)."""
-        producer = turn.producer = self.producer
-        self._next_producer()
-        produce, state_topic = producer.produce, self.state_topic
-        watch = self._producer_watches[self.producers.index(producer)]
-        last_offsets = turn.last_offsets
+    def _commit(self, turn: _Turn) -> None:
+        producer = self.producer
+        last_offsets: dict[int, int] = {}
 
         def on_changelog(err: KafkaError | None, msg: Message) -> None:
             if err is None:
                 p, offset = where(msg)
                 last_offsets[p] = offset
 
-        turn.begun = time.monotonic()
+        started = turn.started
+        produce, state_topic = producer.produce, self.state_topic
+        watch = self._producer_watches[self.producers.index(producer)]
+        begun = time.monotonic()
         try:
-            if watch.stranded:  # it would wait for good: replace it (_fail, _start_over)
+            if watch.stranded:  # it would wait for good: replace it (_abort, _start_over)
                 raise KafkaException(KafkaError(KafkaError._TRANSPORT, f"{watch.name}: stranded"))
             producer.begin_transaction()
             for topic, key, value, headers, partition in turn.records:
                 try:
                     produce(topic, value, key, partition, headers=headers)
                 except BufferError:
-                    self._produce(producer, topic, key, value, partition=partition, headers=headers)
+                    self._produce(topic, key, value, partition=partition, headers=headers)
             for p, changes in turn.changelog.items():
                 for key, value in changes[:-1]:
                     try:
                         produce(state_topic, value, key, p)
                     except BufferError:
-                        self._produce(producer, state_topic, key, value, partition=p)
+                        self._produce(state_topic, key, value, partition=p)
                 key, value = changes[-1]  # its delivery report says how far the changelog got
-                self._produce(
-                    producer, state_topic, key, value, partition=p, on_delivery=on_changelog
-                )
-            turn.produced = time.monotonic()
+                self._produce(state_topic, key, value, partition=p, on_delivery=on_changelog)
+            produced = time.monotonic()
             offsets = {**self.positions, **turn.next_offset}
             if offsets:
                 tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
@@ -640,64 +572,44 @@ class TierWorker:
                     lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S),
                     give_up=lambda: watch.stranded,
                 )
-            turn.offsets_sent = time.monotonic()
+            offsets_sent = time.monotonic()
+            producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
+            acked = time.monotonic()
+            self._observe_prep((acked - started) * 1000)
+            wait_ms = turn.commit_not_before_ms - now_ms()
+            if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
+                time.sleep(wait_ms / 1000)
+            while now_ms() < turn.commit_not_before_ms:
+                time.sleep(0.0005)
+            held = time.monotonic()
+            retrying(
+                lambda: producer.commit_transaction(TXN_TIMEOUT_S), give_up=lambda: watch.stranded
+            )
+            committed = time.monotonic()
+            committed_at = now_ms()
         except KafkaException as exc:
-            self.hooks.on_transaction(self.tier.name, time.monotonic() - turn.begun, False)
-            self._fail(exc, turn)
-            return False
-        return True
-
-    def _settle(self, *, later: _Turn | None = None) -> bool:
-        """Commit the open turn, then write its changes to local state. False if it failed: it
-        was aborted, and so was ``later`` (a turn staged or sent after it), both to be read again.
-        """
-        turn, self._open = self._open, None
-        if turn is None:
-            return True
-        try:
-            self._commit(turn)
-        except KafkaException as exc:
-            self.hooks.on_transaction(self.tier.name, time.monotonic() - turn.begun, False)
-            self._fail(exc, turn, later)
-            return False
-        self._apply(turn)
-        return True
-
-    def _commit(self, turn: _Turn) -> None:
-        producer = turn.producer
-        assert producer is not None
-        watch = self._producer_watches[self.producers.index(producer)]
-        producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
-        turn.acked = time.monotonic()
-        self._observe_prep((turn.acked - turn.started) * 1000)
-        wait_ms = turn.commit_not_before_ms - now_ms()
-        if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
-            time.sleep(wait_ms / 1000)
-        while now_ms() < turn.commit_not_before_ms:
-            time.sleep(0.0005)
-        turn.held = time.monotonic()
-        retrying(lambda: producer.commit_transaction(TXN_TIMEOUT_S), give_up=lambda: watch.stranded)
-        turn.committed = time.monotonic()
-
-    def _apply(self, turn: _Turn) -> None:
-        committed_at = now_ms()
-        self.hooks.on_transaction(self.tier.name, turn.committed - turn.begun, True)
+            self.hooks.on_transaction(self.tier.name, time.monotonic() - begun, False)
+            self._abort(turn, exc)
+            self._next_producer()
+            return
+        self._next_producer()
+        self.hooks.on_transaction(self.tier.name, committed - begun, True)
         self.positions.update(turn.next_offset)
         for p, changes in turn.changelog.items():
             store = self.stores.get(p)
             if store is not None:
-                end = turn.last_offsets.get(p)
+                end = last_offsets.get(p)
                 store.apply(changes, None if end is None else end + 1)
         self.hooks.on_phases(
             self.tier.name,
             TurnPhases(
-                stage=turn.begun - turn.started,
-                produce=turn.produced - turn.begun,
-                offsets=turn.offsets_sent - turn.produced,
-                acks=turn.acked - turn.offsets_sent,
-                hold=turn.held - turn.acked,
-                commit=turn.committed - turn.held,
-                apply=time.monotonic() - turn.committed,
+                stage=begun - started,
+                produce=produced - begun,
+                offsets=offsets_sent - produced,
+                acks=acked - offsets_sent,
+                hold=held - acked,
+                commit=committed - held,
+                apply=time.monotonic() - committed,
             ),
         )
         st = self.stats
@@ -712,33 +624,6 @@ class TierWorker:
             self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
         if turn.admitted or turn.released:
             self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, committed_at)
-
-    def _settle_for_rebalance(self) -> None:
-        """Partitions change hands only after the open turn is committed, as at a restart. A
-        failure here is dealt with once consume() returns (_recover_from_rebalance): not inside
-        the consumer's callback."""
-        turn, self._open = self._open, None
-        if turn is None:
-            return
-        try:
-            self._commit(turn)
-        except KafkaException as exc:
-            self._rebalance_failure = (turn, exc)
-            return
-        self._apply(turn)
-
-    def _recover_from_rebalance(self, msgs: list[Message]) -> None:
-        """The open turn failed to commit in a rebalance callback: abort it, and read what the
-        same consume() returned again."""
-        assert self._rebalance_failure is not None
-        turn, exc = self._rebalance_failure
-        self._rebalance_failure = None
-        dropped = _Turn()
-        for msg in msgs:
-            if msg.error() is None:
-                dropped.consumed(msg)
-        self.hooks.on_transaction(self.tier.name, time.monotonic() - turn.begun, False)
-        self._fail(exc, turn, dropped)
 
     def _next_producer(self) -> None:
         self._turns += 1
@@ -755,7 +640,6 @@ class TierWorker:
 
     def _produce(
         self,
-        producer: Producer,
         topic: str,
         key: bytes | None,
         value: bytes | None,
@@ -766,7 +650,7 @@ class TierWorker:
     ) -> None:
         while True:
             try:
-                producer.produce(
+                self.producer.produce(
                     topic,
                     value=value,
                     key=key,
@@ -776,43 +660,33 @@ class TierWorker:
                 )
                 return
             except BufferError:
-                producer.poll(0.01)
+                self.producer.poll(0.01)
 
-    def _fail(self, exc: KafkaException, turn: _Turn, later: _Turn | None = None) -> None:
-        """``turn``'s transaction failed: abort it and ``later`` (nothing of either happened, as
-        RocksDB is written only after a commit) and read their intake again; or, when the failure
-        leaves a producer unusable or the outcome unknown, start over."""
+    def _abort(self, turn: _Turn, exc: KafkaException) -> None:
         err: KafkaError = exc.args[0]
         self.stats.aborts += 1
-        broken: list[Producer] = []
-        if turn.producer is not None and (err.fatal() or not err.txn_requires_abort()):
-            broken.append(turn.producer)  # fenced, failed, or the outcome is unknown
-        else:
-            log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
-        for t in (turn, later):
-            producer = t.producer if t is not None else None
-            if producer is None or producer in broken:
-                continue
-            try:
-                producer.abort_transaction(TXN_TIMEOUT_S)
-            except KafkaException as abort_exc:
-                log.warning("tier %s: abort: %s", self.tier.name, abort_exc)
-                broken.append(producer)  # fenced while aborting, or wedged (see CLIENT_DEFAULTS)
-        if broken:
-            self._start_over(exc, broken)
+        if err.fatal() or not err.txn_requires_abort():
+            self._start_over(exc)  # fenced, failed, or the outcome is unknown: retries ran out
             return
-        first = {**(later.first_offset if later is not None else {}), **turn.first_offset}
-        for p, offset in first.items():
+        log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
+        try:
+            self.producer.abort_transaction(TXN_TIMEOUT_S)
+        except KafkaException as abort_exc:
+            self._start_over(abort_exc)  # fenced while aborting, or wedged (see CLIENT_DEFAULTS)
+            return
+        # Nothing of this turn happened (RocksDB is written only after a commit): read its
+        # records again.
+        for p, offset in turn.first_offset.items():
             if p in self.stores:
                 self.consumer.seek(TopicPartition(self.topic, p, offset))
 
-    def _start_over(self, exc: KafkaException, broken: list[Producer]) -> None:
-        """Do in-process what a restart would: new producers with the same transactional ids,
-        whose init_transactions fences the broken ones and completes or aborts what they left
-        open, then new consumers that join the group again and read the partitions' state and
-        positions from Kafka, since only the broker knows how a transaction ended (and the
-        consumer may be stranded with the producer: BrokerWatch). At most PRODUCER_RENEWALS_MAX
-        times in the window."""
+    def _start_over(self, exc: KafkaException) -> None:
+        """Do in-process what a restart would: a new producer with the same transactional id,
+        whose init_transactions fences this one and completes or aborts what it left open, then
+        new consumers that join the group again and read the partitions' state and positions
+        from Kafka, since only the broker knows how that transaction ended (and the consumer may
+        be stranded with the producer: BrokerWatch). At most PRODUCER_RENEWALS_MAX times in the
+        window."""
         err: KafkaError = exc.args[0]
         now = time.monotonic()
         self._renewals = [t for t in self._renewals if now - t < PRODUCER_RENEWAL_WINDOW_S]
@@ -824,20 +698,19 @@ class TierWorker:
                 code=err.code(),
             ) from exc
         self._renewals.append(now)
-        for old in broken:
-            n = self.producers.index(old)
-            log.warning("tier %s: producer %d: %s; replacing it", self.tier.name, n, err.str())
-            fresh = self._new_producer(n)
-            try:
-                fresh.init_transactions(TXN_TIMEOUT_S)
-            except KafkaException as init_exc:
-                raise BrokerError(
-                    f"tier {self.tier.name}: replacing producer {n}: {init_exc}"
-                ) from init_exc
-            self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
-            if self.producer is old:
-                self.producer = fresh
-            retire(old, f"{self.tier.name}-producer-{n}")
+        n = self.producers.index(self.producer)
+        log.warning("tier %s: producer %d: %s; replacing it", self.tier.name, n, err.str())
+        old = self.producer
+        fresh = self._new_producer(n)
+        try:
+            fresh.init_transactions(TXN_TIMEOUT_S)
+        except KafkaException as init_exc:
+            raise BrokerError(f"tier {self.tier.name}: replacing producer {n}: {init_exc}") from (
+                init_exc
+            )
+        self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
+        self.producer = fresh
+        retire(old, f"{self.tier.name}-producer-{n}")
         self._replace_consumers()
 
     def _replace_consumers(self) -> None:
@@ -859,7 +732,6 @@ class TierWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if consumer is not self.consumer:
             return  # a replaced consumer closing in the background (_replace_consumers)
-        self._settle_for_rebalance()  # not left open through a restore
         self.rebalanced = True
         if not partitions:
             return
@@ -898,7 +770,6 @@ class TierWorker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if consumer is not self.consumer:
             return  # a replaced consumer closing in the background (_replace_consumers)
-        self._settle_for_rebalance()
         numbers = [tp.partition for tp in partitions]
         with self.lock:
             for p in numbers:
