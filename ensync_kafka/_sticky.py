@@ -19,6 +19,9 @@ turns touch one partition per topic, a catch-up turn of thousands still spreads 
 
 
 class StickyPartitions:
+    """Per topic, the partition count a worker learnt at start: partitions added to a priority
+    topic later receive keyless releases once the worker restarts."""
+
     def __init__(self, partition_counts: dict[str, int]) -> None:
         self._counts = partition_counts
         # Workers start at different partitions, so they do not all write the same one at once.
