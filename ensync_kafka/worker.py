@@ -271,8 +271,8 @@ class TierWorker:
         # Connect the restore consumer, and learn every output topic's partitions, now rather
         # than in the first assignment's or the first release's critical path.
         self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
-        clusters = [producer.list_topics(timeout=TXN_TIMEOUT_S) for producer in self.producers]
-        topics = clusters[0].topics
+        for producer in self.producers:
+            topics = producer.list_topics(timeout=TXN_TIMEOUT_S).topics
         self._sticky = StickyPartitions(
             {
                 topic: len(topics[topic].partitions)
