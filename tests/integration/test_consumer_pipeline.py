@@ -162,6 +162,44 @@ def test_competing_consumers_split_the_work_none_twice(
     assert a.stats.handled + b.stats.handled == total
 
 
+def test_partitions_paused_when_revoked_are_consumed_when_they_come_back(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """librdkafka keeps a partition's pause across revocation and re-assignment (librdkafka
+    #1849): a partition paused for a full buffer, revoked (b joins) and assigned again (b
+    leaves) must still be fetched, or its events wait forever."""
+    config = make_config(unique_prefix, kafka_bootstrap, tmp_path, {"buffer": 2}, partitions=2)
+    total = 300
+    recorder = Recorder(lambda event: time.sleep(0.01))
+    hooks = CountDeliveries()
+    with WorkerThread(config, hooks=hooks), DeferClient(config) as client:
+        a = PriorityConsumer(config, consumer_settings={"client.id": "consumer-a"})
+        with ConsumerThread(a, recorder) as thread_a:
+            backlog(
+                client,
+                hooks,
+                [
+                    DeferRequest(name="p", payload={"i": i}, delay=0, priority=1 + i % 5)
+                    for i in range(total)
+                ],
+            )
+            wait_until(lambda: a._paused, timeout=WAIT_S, what="a to pause for its full buffer")
+            b = PriorityConsumer(config, consumer_settings={"client.id": "consumer-b"})
+            with ConsumerThread(b, recorder):
+                wait_until(lambda: b.stats.handled >= 2, timeout=WAIT_S, what="b's first events")
+                moved = set(b.assignment)
+            assert moved, "b took partitions from a"
+            wait_until(
+                lambda: moved <= set(a.assignment), timeout=WAIT_S, what="b's partitions back on a"
+            )
+            wait_until(
+                lambda: thread_a.alive() and set(payload_ids(recorder.events)) == set(range(total)),
+                timeout=WAIT_S,
+                what="every event handled",
+                describe=lambda: f"{total - len(set(payload_ids(recorder.events)))} not yet",
+            )
+
+
 def test_a_stranded_consumer_starts_over_and_handles_every_event(
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
