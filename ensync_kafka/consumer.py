@@ -452,6 +452,10 @@ class PriorityConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._current(consumer):
             return
+        # librdkafka keeps a pause across revocation or loss and re-assignment (librdkafka
+        # #1849): a partition paused for a full buffer would come back paused for good.
+        if partitions:
+            consumer.resume(partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)
@@ -486,14 +490,6 @@ class PriorityConsumer:
                 self._buffers[priority] = deque(item for item in buffer if item.tp not in keys)
 
     def _forget(self, keys: set[_TP]) -> None:
-        paused = [TopicPartition(*key) for key in keys & self._paused]
-        if paused:
-            # librdkafka keeps a pause across revocation and re-assignment (librdkafka #1849):
-            # lift it while the partitions are still ours, or they come back paused for good.
-            try:
-                self._consumer.resume(paused)
-            except KafkaException as exc:
-                log.warning("consumer group %s: resume before revoke: %s", self.group, exc)
         for key in keys:
             self._assigned.discard(key)
             self._eof.discard(key)

@@ -211,6 +211,19 @@ class ConsumerThread:
             raise self.error
 
 
+def consumer_state(consumer: PriorityConsumer) -> str:
+    """What a PriorityConsumer holds, for a failure message: why it is not handling more."""
+
+    def tps(keys: Iterable[tuple[str, int]]) -> list[str]:
+        return sorted(f"{topic.rsplit('.', 1)[-1]}[{partition}]" for topic, partition in keys)
+
+    buffered = {p: len(b) for p, b in consumer._buffers.items() if b}
+    return (
+        f"assigned {tps(consumer._assigned)}, at end {tps(consumer._eof)}, "
+        f"paused {tps(consumer._paused)}, buffered {buffered}, {consumer.stats}"
+    )
+
+
 # -- reading topics -------------------------------------------------------------------------------
 
 
@@ -383,6 +396,29 @@ class Ledger:
             f"{len(self.duplicated)} duplicated (e.g. {list(self.duplicated.items())[:5]}), "
             f"{len(self.unexpected)} unexpected, {len(self.early)} early "
             f"(e.g. {self.early[:5]})"
+        )
+
+    def where(self, ids: Iterable[str], group: str | None = None, bootstrap: str = "") -> str:
+        """Where the deliveries of ``ids`` sit (per partition: how many, first and last offset)
+        and, given a consumer group, its committed offsets there: for a failure message."""
+        offsets: dict[tuple[str, int], list[int]] = {}
+        for defer_id in ids:
+            for d in self.deliveries.get(defer_id, []):
+                offsets.setdefault((d.record.topic, d.record.partition), []).append(d.record.offset)
+        committed: dict[tuple[str, int], int] = {}
+        if group is not None and offsets:
+            consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+            try:
+                tps = [TopicPartition(t, p) for t, p in offsets]
+                committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps)}
+            except KafkaException as exc:
+                return f"{sorted(offsets)} (committed offsets: {exc})"
+            finally:
+                consumer.close()
+        return ", ".join(
+            f"{t.rsplit('.', 1)[-1]}[{p}] {len(o)} at {min(o)}-{max(o)}"
+            + (f" (committed {committed[(t, p)]})" if (t, p) in committed else "")
+            for (t, p), o in sorted(offsets.items())
         )
 
     def assert_exactly_once(self) -> None:

@@ -35,6 +35,7 @@ from tests.helpers import (
     TopicReader,
     WorkerProcess,
     collect_ledger,
+    consumer_state,
     pipeline_mapping,
     wait_until,
     write_config,
@@ -254,18 +255,6 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
     assert tiers == set(TIERS)
 
 
-@pytest.fixture
-def own_broker() -> Iterator[LocalBroker]:
-    """A broker of this test's own, to restart: the session's broker is shared (and may not be
-    ours to restart). Needs Java like any local broker, whatever ENSYNC_KAFKA_BOOTSTRAP says."""
-    broker = LocalBroker.ephemeral()
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.stop()
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("outage", list(OUTAGES))
 def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
@@ -318,7 +307,11 @@ def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
             lambda: consuming.alive() and expected.keys() <= handled,
             timeout=LEDGER_TIMEOUT_S,
             what="the consumer to handle every event",
-            describe=lambda: f"{len(expected.keys() - handled)} not handled",
+            describe=lambda: (
+                f"{len(expected.keys() - handled)} not handled, on "
+                f"{ledger.where(expected.keys() - handled, consumer.group, bootstrap)}; "
+                f"{consumer_state(consumer)}"
+            ),
         )
 
     assert outages == [CHUNKS // 2]

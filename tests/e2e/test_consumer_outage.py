@@ -1,0 +1,97 @@
+"""A PriorityConsumer whose group session times out while the broker is frozen: its partitions
+are lost, then assigned to it again, and every event is handled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ensync_kafka import DeferClient, DeferRequest, DeliveredEvent, PriorityConsumer, ensure_topics
+from ensync_kafka.config import config_from_mapping
+from ensync_kafka.localbroker import LocalBroker
+from tests.helpers import (
+    ConsumerThread,
+    WorkerThread,
+    consumer_state,
+    delivered,
+    pipeline_mapping,
+    queue_reader,
+    wait_until,
+)
+
+EVENTS = 200
+BUFFER = 10
+WAIT_S = 60.0
+FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+FREEZE_S = 7.0
+"""Past the consumer's group session (6 s), short of the broker's KRaft session (9 s, past which
+it wakes fenced: librdkafka #5301, tested in test_pipeline_exactly_once)."""
+
+
+@pytest.mark.timeout(180)
+def test_partitions_paused_when_lost_are_consumed_when_assigned_again(
+    own_broker: LocalBroker, unique_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """librdkafka keeps a partition's pause across a lost assignment (librdkafka #1849): one
+    paused for a full buffer when the session timed out must be fetched once it is back."""
+    info = own_broker.status()
+    assert info is not None
+    mapping = pipeline_mapping(
+        unique_prefix, info.bootstrap, tmp_path / "state", tiers=({"name": "all", "span": 60},)
+    )
+    mapping["consumer"] = {"buffer": BUFFER}
+    config = config_from_mapping(mapping, environ={})
+    ensure_topics(config)
+    handled: set[str] = set()
+    gate, held = threading.Event(), threading.Event()
+    gate.set()
+
+    def handle(event: DeliveredEvent) -> None:
+        if not gate.is_set():
+            held.set()
+            gate.wait()
+        time.sleep(0.01)  # slower than the fetch: the buffers stay full
+        handled.add(event.defer_id)
+
+    with (
+        queue_reader(info.bootstrap, unique_prefix) as reader,
+        WorkerThread(config),
+        DeferClient(config) as client,
+    ):
+        client.defer_many(
+            DeferRequest(name="o", payload={"i": i}, delay=0, priority=1 + i % 5)
+            for i in range(EVENTS)
+        )
+        reader.poll_until(lambda r: len(r) >= EVENTS, timeout=WAIT_S, what="every delivery")
+    expected = {d.event.defer_id for d in delivered(reader.records)}
+
+    consumer = PriorityConsumer(config, consumer_settings=FAST_GROUP_CLIENT)
+    with (
+        caplog.at_level(logging.WARNING, "ensync_kafka.consumer"),
+        ConsumerThread(consumer, handle) as consuming,
+    ):
+        # Hold the handler (so no poll serves the lost assignment early) while partitions are
+        # paused, then freeze the broker past the group session.
+        wait_until(lambda: consumer._paused, timeout=WAIT_S, what="a partition paused")
+        gate.clear()
+        assert held.wait(WAIT_S), "the handler did not take another event"
+        assert consumer._paused, "paused while the session times out"
+        os.kill(info.pid, signal.SIGSTOP)
+        try:
+            time.sleep(FREEZE_S)
+        finally:
+            os.kill(info.pid, signal.SIGCONT)
+            gate.set()
+        wait_until(lambda: "lost" in caplog.text, timeout=WAIT_S, what="the lost assignment")
+        wait_until(
+            lambda: consuming.alive() and expected <= handled,
+            timeout=WAIT_S,
+            what="every event handled",
+            describe=lambda: f"{len(expected - handled)} not handled; {consumer_state(consumer)}",
+        )
