@@ -19,6 +19,13 @@ BROKER_WATCH_INTERVAL_MS = 5000
 """How often a watched client reports the brokers it knows (librdkafka statistics)."""
 STRANDED_REPORTS = 2
 """Consecutive reports without a broker that make a watched client stranded."""
+OVERRUN_GRACE_S = 5.0
+"""How long past its own timeout a bounded librdkafka call may take before it is abandoned."""
+
+
+class CallAbandoned(KafkaException):
+    """A librdkafka call that did not return within its timeout (plus OVERRUN_GRACE_S) and was
+    left running in a thread of its own: its client must not be closed until it returns."""
 
 
 def where(msg: Message) -> tuple[int, int]:
@@ -42,6 +49,43 @@ def retrying(
             err: KafkaError = exc.args[0]
             if not err.retriable() or attempt == attempts - 1 or (give_up and give_up()):
                 raise
+
+
+def bounded(
+    call: Callable[[], None], timeout: float, what: str, abandon: Callable[[], None]
+) -> None:
+    """Run ``call``, a librdkafka call given ``timeout``, but return by ``timeout`` +
+    OVERRUN_GRACE_S even when librdkafka overruns its own timeout, as abort_transaction does
+    while the transaction coordinator is unreachable (librdkafka #3779): raise CallAbandoned
+    then, and run ``abandon()`` (closing the client, say) once the call has returned."""
+    done = threading.Event()
+    lock = threading.Lock()
+    raised: list[BaseException] = []
+    abandoned = False
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # re-raised in the caller's thread, or dropped if late
+            raised.append(exc)
+        finally:
+            with lock:
+                done.set()
+                late = abandoned
+            if late:
+                abandon()
+
+    threading.Thread(target=run, name=f"bounded-{what}", daemon=True).start()
+    wait_s = timeout + OVERRUN_GRACE_S
+    if not done.wait(wait_s):
+        with lock:
+            abandoned = not done.is_set()
+        if abandoned:
+            raise CallAbandoned(
+                KafkaError(KafkaError._TIMED_OUT, f"{what}: no return in {wait_s:.0f} s")
+            )
+    if raised:
+        raise raised[0]
 
 
 def reader(config: Config, purpose: str, settings: Mapping[str, Any] | None = None) -> Consumer:

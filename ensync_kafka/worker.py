@@ -31,7 +31,7 @@ from confluent_kafka import (
 )
 
 from . import audit, control
-from ._kafka import BrokerWatch, retire, retrying, where
+from ._kafka import BrokerWatch, CallAbandoned, bounded, retire, retrying, where
 from ._sticky import StickyPartitions
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
@@ -669,8 +669,17 @@ class TierWorker:
             self._start_over(exc)  # fenced, failed, or the outcome is unknown: retries ran out
             return
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
+        producer, name = self.producer, f"{self.tier.name}-abort"
         try:
-            self.producer.abort_transaction(TXN_TIMEOUT_S)
+            bounded(
+                lambda: producer.abort_transaction(TXN_TIMEOUT_S),
+                TXN_TIMEOUT_S,
+                name,
+                abandon=lambda: retire(producer, name),
+            )
+        except CallAbandoned as abort_exc:  # still inside abort: closed when it returns
+            self._start_over(abort_exc, retire_old=False)
+            return
         except KafkaException as abort_exc:
             self._start_over(abort_exc)  # fenced while aborting, or wedged (see CLIENT_DEFAULTS)
             return
@@ -680,7 +689,7 @@ class TierWorker:
             if p in self.stores:
                 self.consumer.seek(TopicPartition(self.topic, p, offset))
 
-    def _start_over(self, exc: KafkaException) -> None:
+    def _start_over(self, exc: KafkaException, *, retire_old: bool = True) -> None:
         """Do in-process what a restart would: a new producer with the same transactional id,
         whose init_transactions fences this one and completes or aborts what it left open, then
         new consumers that join the group again and read the partitions' state and positions
@@ -710,7 +719,8 @@ class TierWorker:
             )
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
-        retire(old, f"{self.tier.name}-producer-{n}")
+        if retire_old:
+            retire(old, f"{self.tier.name}-producer-{n}")
         self._replace_consumers()
 
     def _replace_consumers(self) -> None:

@@ -38,6 +38,10 @@ POLL_S = 0.2
 WORKER_READY_TIMEOUT_S = 60.0
 WORKER_STOP_TIMEOUT_S = 30.0
 CONSUMER_STOP_S = 30.0
+FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+"""Group clients whose session ends quickly (the broker's minimum is 6 s): a killed worker's
+membership lingers only that long, and a broker outage past it loses the assignment."""
+COMMITTED_TIMEOUT_S = 10.0
 DEFAULT_TIERS = ({"name": "1s", "span": 1}, {"name": "10s", "span": 10})
 
 
@@ -211,11 +215,16 @@ class ConsumerThread:
             raise self.error
 
 
+def short_tp(topic: str, partition: int) -> str:
+    """``p3[1]`` for ``<prefix>.<queue>.p3`` partition 1: for failure messages."""
+    return f"{topic.rsplit('.', 1)[-1]}[{partition}]"
+
+
 def consumer_state(consumer: PriorityConsumer) -> str:
     """What a PriorityConsumer holds, for a failure message: why it is not handling more."""
 
     def tps(keys: Iterable[tuple[str, int]]) -> list[str]:
-        return sorted(f"{topic.rsplit('.', 1)[-1]}[{partition}]" for topic, partition in keys)
+        return sorted(short_tp(*key) for key in keys)
 
     buffered = {p: len(b) for p, b in consumer._buffers.items() if b}
     return (
@@ -410,13 +419,14 @@ class Ledger:
             consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
             try:
                 tps = [TopicPartition(t, p) for t, p in offsets]
-                committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps)}
+                found = consumer.committed(tps, timeout=COMMITTED_TIMEOUT_S)
+                committed = {(tp.topic, tp.partition): tp.offset for tp in found}
             except KafkaException as exc:
                 return f"{sorted(offsets)} (committed offsets: {exc})"
             finally:
                 consumer.close()
         return ", ".join(
-            f"{t.rsplit('.', 1)[-1]}[{p}] {len(o)} at {min(o)}-{max(o)}"
+            f"{short_tp(t, p)} {len(o)} at {min(o)}-{max(o)}"
             + (f" (committed {committed[(t, p)]})" if (t, p) in committed else "")
             for (t, p), o in sorted(offsets.items())
         )

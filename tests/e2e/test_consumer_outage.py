@@ -16,6 +16,7 @@ from ensync_kafka import DeferClient, DeferRequest, DeliveredEvent, PriorityCons
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.localbroker import LocalBroker
 from tests.helpers import (
+    FAST_GROUP_CLIENT,
     ConsumerThread,
     WorkerThread,
     consumer_state,
@@ -28,7 +29,6 @@ from tests.helpers import (
 EVENTS = 200
 BUFFER = 10
 WAIT_S = 60.0
-FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 FREEZE_S = 7.0
 """Past the consumer's group session (6 s), short of the broker's KRaft session (9 s, past which
 it wakes fenced: librdkafka #5301, tested in test_pipeline_exactly_once)."""

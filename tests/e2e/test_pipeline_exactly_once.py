@@ -31,6 +31,7 @@ from ensync_kafka.localbroker import LocalBroker
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
+    FAST_GROUP_CLIENT,
     ConsumerThread,
     TopicReader,
     WorkerProcess,
@@ -55,9 +56,6 @@ worker's transaction timeout in that test (FREEZE_TXN_TIMEOUT_S), so the coordin
 what was open. 12 s is longer than the broker's own KRaft session (9 s): on waking it is fenced
 for a moment and answers Metadata requests with no brokers, which strands the librdkafka
 clients that ask then (librdkafka #5301, _kafka.BrokerWatch) until they are replaced."""
-# A killed worker's group membership lingers until its session times out; keep that short so
-# the restarted worker gets its partitions back in seconds (the broker's minimum is 6 s).
-FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
 class Workers:

@@ -39,6 +39,7 @@ from tests.helpers import (
     TopicReader,
     WorkerThread,
     audit_records,
+    consumer_state,
     invalid_records,
     pipeline_mapping,
     strand,
@@ -196,7 +197,9 @@ def test_partitions_paused_when_revoked_are_consumed_when_they_come_back(
                 lambda: thread_a.alive() and set(payload_ids(recorder.events)) == set(range(total)),
                 timeout=WAIT_S,
                 what="every event handled",
-                describe=lambda: f"{total - len(set(payload_ids(recorder.events)))} not yet",
+                describe=lambda: (
+                    f"{total - len(set(payload_ids(recorder.events)))} not yet; {consumer_state(a)}"
+                ),
             )
 
 

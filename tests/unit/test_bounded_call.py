@@ -1,0 +1,42 @@
+"""_kafka.bounded: a librdkafka call that overruns its own timeout (librdkafka #3779) is
+abandoned in its thread, and its client closed only once it returns."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from ensync_kafka import _kafka
+from ensync_kafka._kafka import CallAbandoned, bounded
+
+
+def test_a_call_that_returns_in_time_returns_and_nothing_is_abandoned() -> None:
+    ran, abandoned = threading.Event(), threading.Event()
+    bounded(ran.set, 1.0, "quick", abandon=abandoned.set)
+    assert ran.is_set()
+    assert not abandoned.is_set()
+
+
+def test_its_error_is_raised_in_the_caller() -> None:
+    def fail() -> None:
+        raise KafkaException(KafkaError(KafkaError._FENCED, "fenced"))
+
+    with pytest.raises(KafkaException) as info:
+        bounded(fail, 1.0, "fenced", abandon=lambda: None)
+    assert info.value.args[0].code() == KafkaError._FENCED
+    assert not isinstance(info.value, CallAbandoned)
+
+
+def test_an_overrun_is_abandoned_and_its_client_closed_only_after_it_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_kafka, "OVERRUN_GRACE_S", 0.05)
+    release, abandoned = threading.Event(), threading.Event()
+    with pytest.raises(CallAbandoned) as info:
+        bounded(lambda: release.wait(10), 0.05, "stuck", abandon=abandoned.set)
+    assert info.value.args[0].code() == KafkaError._TIMED_OUT
+    assert not abandoned.is_set(), "closed while the call is still inside librdkafka"
+    release.set()
+    assert abandoned.wait(5), "closed once the call returned"
