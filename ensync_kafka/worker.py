@@ -388,7 +388,7 @@ class TierWorker:
         key = timer_key(rec["due_at"], rec["priority"], defer_id)
         turn.change(p, TIMER + key, value)
         audit_value = self._audit(audit.DEFERRED, rec, now, rec["reason"])
-        turn.records.append((self.names.audit, key[9:], audit_value, None, -1))
+        turn.emit(self.names.audit, key[9:], audit_value)
 
     def _control(
         self, op: bytes, msg: Message, store: PartitionStore, turn: _Turn, now: int
