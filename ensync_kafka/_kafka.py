@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,8 +36,14 @@ def where(msg: Message) -> tuple[int, int]:
     return p, offset
 
 
+TXN_CALL_ATTEMPTS = 3
+"""How many times ``retrying`` makes a transactional call that keeps failing retriably."""
+
+
 def retrying(
-    call: Callable[[], None], attempts: int = 3, give_up: Callable[[], bool] | None = None
+    call: Callable[[], None],
+    attempts: int = TXN_CALL_ATTEMPTS,
+    give_up: Callable[[], bool] | None = None,
 ) -> None:
     """Repeat a transactional call on a retriable error, as librdkafka asks; an abortable or
     fatal error propagates (a commit that timed out may have succeeded: it must not be aborted),
@@ -51,41 +58,55 @@ def retrying(
                 raise
 
 
+class BoundedCall:
+    """``call``, librdkafka calls given ``timeout`` in all, running in a thread of its own from
+    construction on. :meth:`result` returns by ``timeout`` + OVERRUN_GRACE_S after the start
+    even when librdkafka overruns its own timeout, as abort_transaction (librdkafka #3779) and
+    send_offsets_to_transaction (#5456, #5511) can while a coordinator is unreachable: it
+    raises CallAbandoned then, and ``abandon()`` (closing the client, say) runs once the call
+    has returned. Meanwhile the caller may do other work with the client."""
+
+    def __init__(
+        self, call: Callable[[], None], timeout: float, what: str, abandon: Callable[[], None]
+    ) -> None:
+        self._call, self._what, self._abandon = call, what, abandon
+        self._deadline = time.monotonic() + timeout + OVERRUN_GRACE_S
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._raised: BaseException | None = None
+        self._abandoned = False
+        threading.Thread(target=self._run, name=f"bounded-{what}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._call()
+        except BaseException as exc:  # re-raised in the caller's thread, or dropped if late
+            self._raised = exc
+        finally:
+            with self._lock:
+                self._done.set()
+                late = self._abandoned
+            if late:
+                self._abandon()
+
+    def result(self) -> None:
+        """Wait for the call; raise what it raised, or CallAbandoned past the deadline."""
+        if not self._done.wait(max(0.0, self._deadline - time.monotonic())):
+            with self._lock:
+                self._abandoned = not self._done.is_set()
+            if self._abandoned:
+                raise CallAbandoned(
+                    KafkaError(KafkaError._TIMED_OUT, f"{self._what}: no return in time")
+                )
+        if self._raised is not None:
+            raise self._raised
+
+
 def bounded(
     call: Callable[[], None], timeout: float, what: str, abandon: Callable[[], None]
 ) -> None:
-    """Run ``call``, a librdkafka call given ``timeout``, but return by ``timeout`` +
-    OVERRUN_GRACE_S even when librdkafka overruns its own timeout, as abort_transaction does
-    while the transaction coordinator is unreachable (librdkafka #3779): raise CallAbandoned
-    then, and run ``abandon()`` (closing the client, say) once the call has returned."""
-    done = threading.Event()
-    lock = threading.Lock()
-    raised: list[BaseException] = []
-    abandoned = False
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as exc:  # re-raised in the caller's thread, or dropped if late
-            raised.append(exc)
-        finally:
-            with lock:
-                done.set()
-                late = abandoned
-            if late:
-                abandon()
-
-    threading.Thread(target=run, name=f"bounded-{what}", daemon=True).start()
-    wait_s = timeout + OVERRUN_GRACE_S
-    if not done.wait(wait_s):
-        with lock:
-            abandoned = not done.is_set()
-        if abandoned:
-            raise CallAbandoned(
-                KafkaError(KafkaError._TIMED_OUT, f"{what}: no return in {wait_s:.0f} s")
-            )
-    if raised:
-        raise raised[0]
+    """Run ``call`` as a :class:`BoundedCall` and wait for it."""
+    BoundedCall(call, timeout, what, abandon).result()
 
 
 def reader(config: Config, purpose: str, settings: Mapping[str, Any] | None = None) -> Consumer:

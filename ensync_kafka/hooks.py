@@ -25,10 +25,12 @@ class TurnPhases:
     """Consume returned -> transaction begun: due timers staged, the intake decoded and checked."""
     produce: float
     """begin_transaction() and the turn's produce() calls."""
-    offsets: float
-    """send_offsets_to_transaction(): AddOffsetsToTxn and TxnOffsetCommit round trips."""
     acks: float
-    """flush(): the broker acknowledging every record of the transaction."""
+    """flush(): the broker acknowledging every record of the transaction, while the offsets go
+    out beside it."""
+    offsets: float
+    """What is left after that of send_offsets_to_transaction (AddOffsetsToTxn and
+    TxnOffsetCommit round trips, in a thread of its own since the produce calls ended)."""
     hold: float
     """Waiting for the latest pre-staged due time, so that nothing is visible early."""
     commit: float

@@ -31,7 +31,16 @@ from confluent_kafka import (
 )
 
 from . import audit, control
-from ._kafka import BrokerWatch, CallAbandoned, bounded, retire, retrying, where
+from ._kafka import (
+    TXN_CALL_ATTEMPTS,
+    BoundedCall,
+    BrokerWatch,
+    CallAbandoned,
+    bounded,
+    retire,
+    retrying,
+    where,
+)
 from ._sticky import StickyPartitions
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
@@ -564,18 +573,16 @@ class TierWorker:
                 key, value = changes[-1]  # its delivery report says how far the changelog got
                 self._produce(state_topic, key, value, partition=p, on_delivery=on_changelog)
             produced = time.monotonic()
-            offsets = {**self.positions, **turn.next_offset}
-            if offsets:
-                tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
-                metadata = self.consumer.consumer_group_metadata()
-                retrying(
-                    lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S),
-                    give_up=lambda: watch.stranded,
-                )
+            # The offsets go out beside the acknowledgements (_send_offsets).
+            sending = self._send_offsets(producer, watch, {**self.positions, **turn.next_offset})
+            try:
+                producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
+                acked = time.monotonic()
+            finally:
+                if sending is not None:  # nothing else touches the transaction before it ends
+                    sending.result()
             offsets_sent = time.monotonic()
-            producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
-            acked = time.monotonic()
-            self._observe_prep((acked - started) * 1000)
+            self._observe_prep((offsets_sent - started) * 1000)
             wait_ms = turn.commit_not_before_ms - now_ms()
             if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
                 time.sleep(wait_ms / 1000)
@@ -605,9 +612,9 @@ class TierWorker:
             TurnPhases(
                 stage=begun - started,
                 produce=produced - begun,
-                offsets=offsets_sent - produced,
-                acks=acked - offsets_sent,
-                hold=held - acked,
+                acks=acked - produced,
+                offsets=offsets_sent - acked,
+                hold=held - offsets_sent,
                 commit=committed - held,
                 apply=time.monotonic() - committed,
             ),
@@ -624,6 +631,30 @@ class TierWorker:
             self.hooks.on_control(self.tier.name, effect.op, effect.outcome, effect.deferral)
         if turn.admitted or turn.released:
             self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, committed_at)
+
+    def _send_offsets(
+        self, producer: Producer, watch: BrokerWatch, offsets: dict[int, int]
+    ) -> BoundedCall | None:
+        """send_offsets_to_transaction in a thread of its own, started now, so that its round
+        trips overlap the acknowledgements instead of following them, and bounded: it can block
+        past its timeout while the group coordinator is unreachable or forgotten (librdkafka
+        #5456, #5511), which would stop the tier for good; abandoned, _abort starts over with a
+        new producer. (commit_transaction is called directly: no overrun of it is known, and a
+        thread handoff after the hold measured 0.8 ms per turn.)"""
+        if not offsets:
+            return None
+        tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
+        metadata = self.consumer.consumer_group_metadata()
+        name = f"{self.tier.name}-send-offsets"
+        return BoundedCall(
+            lambda: retrying(
+                lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S),
+                give_up=lambda: watch.stranded,
+            ),
+            TXN_CALL_ATTEMPTS * TXN_TIMEOUT_S,
+            name,
+            abandon=lambda: retire(producer, name),
+        )
 
     def _next_producer(self) -> None:
         self._turns += 1
@@ -666,7 +697,9 @@ class TierWorker:
         err: KafkaError = exc.args[0]
         self.stats.aborts += 1
         if err.fatal() or not err.txn_requires_abort():
-            self._start_over(exc)  # fenced, failed, or the outcome is unknown: retries ran out
+            # Fenced, failed, or the outcome is unknown: retries ran out, or the call was
+            # abandoned (its producer is closed once it returns, not now).
+            self._start_over(exc, retire_old=not isinstance(exc, CallAbandoned))
             return
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
         producer, name = self.producer, f"{self.tier.name}-abort"

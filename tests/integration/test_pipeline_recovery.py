@@ -7,11 +7,13 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from ensync_kafka import BrokerError, DeferClient, DeferRequest, ensure_topics
+from ensync_kafka import BrokerError, DeferClient, DeferRequest, _kafka, ensure_topics
+from ensync_kafka import worker as worker_module
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from ensync_kafka.worker import (
@@ -348,3 +350,74 @@ def test_a_producer_fenced_again_and_again_stops_the_worker(
     with pytest.raises(BrokerError, match="fenced"):
         worker.stop()
     assert len(tier._renewals) == PRODUCER_RENEWALS_MAX
+
+
+class _Hang:
+    """Once armed, the next call of ``method`` by any producer it wraps does not return until
+    released, as send_offsets_to_transaction does while the group coordinator is unreachable
+    or forgotten (librdkafka #5456, #5511). Released, it returns without reaching the broker."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.armed = threading.Event()
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+
+    def wrap(self, producer: Producer) -> Any:
+        hang = self
+
+        class Wrapped:
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(producer, name)
+                if name != hang.method:
+                    return attr
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    with hang._lock:
+                        stuck = hang.armed.is_set() and not hang.entered.is_set()
+                        if stuck:
+                            hang.entered.set()
+                    if not stuck:
+                        return attr(*args, **kwargs)
+                    hang.released.wait(WAIT_S * 4)
+                    return None
+
+                return call
+
+        return Wrapped()
+
+
+def test_send_offsets_that_never_returns_is_abandoned_and_nothing_is_lost_or_repeated(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send_offsets_to_transaction stays inside librdkafka past its timeout: the tier leaves it
+    in its thread, starts over with a new producer (which settles the open transaction),
+    delivers everything once, and closes the stuck producer only once its call returns."""
+    monkeypatch.setattr(worker_module, "TXN_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(_kafka, "OVERRUN_GRACE_S", 1.0)
+    monkeypatch.setattr(worker_module, "TXN_CALL_ATTEMPTS", 1)
+    hang = _Hang("send_offsets_to_transaction")
+    new_producer = TierWorker._new_producer
+    monkeypatch.setattr(
+        TierWorker, "_new_producer", lambda tier, n: hang.wrap(new_producer(tier, n))
+    )
+
+    def disturb(tier: TierWorker) -> None:
+        hang.armed.set()
+
+    def settled(tier: TierWorker) -> None:
+        assert hang.entered.is_set(), "no offsets were sent after the first deliveries"
+        assert len(tier._renewals) == 1, "the stuck producer was replaced once"
+        stuck = [t for t in threading.enumerate() if t.name == "bounded-1s-send-offsets"]
+        assert stuck, "the stuck call's thread is gone: it was not left running"
+        hang.released.set()
+        wait_until(
+            lambda: (
+                not [t for t in threading.enumerate() if t in stuck or t.name.startswith("retire-")]
+            ),
+            timeout=WAIT_S,
+            what="the abandoned call to return and its producer to close",
+        )
+
+    _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)

@@ -59,12 +59,12 @@ def test_turn_phases_reach_the_metrics_and_the_inner_hooks() -> None:
     metrics = WorkerMetrics(lambda: [], lag=lambda tier: {}, ready=lambda: True)
     hooks = MetricsHooks(metrics, Inner())
     phases = TurnPhases(
-        stage=0.001, produce=0.002, offsets=0.003, acks=0.004, hold=0.0, commit=0.005, apply=0.006
+        stage=0.001, produce=0.002, acks=0.003, offsets=0.004, hold=0.0, commit=0.005, apply=0.006
     )
     hooks.on_phases("1s", phases)
     hooks.on_phases("1s", phases)
 
-    assert TurnPhases.NAMES == ("stage", "produce", "offsets", "acks", "hold", "commit", "apply")
+    assert TurnPhases.NAMES == ("stage", "produce", "acks", "offsets", "hold", "commit", "apply")
     assert abs(phases.total - 0.021) < 1e-9
     assert seen == [phases, phases]
     for name, seconds in phases.items():
