@@ -70,7 +70,8 @@ class BoundedCall:
         self, call: Callable[[], None], timeout: float, what: str, abandon: Callable[[], None]
     ) -> None:
         self._call, self._what, self._abandon = call, what, abandon
-        self._deadline = time.monotonic() + timeout + OVERRUN_GRACE_S
+        self._limit_s = timeout + OVERRUN_GRACE_S
+        self._deadline = time.monotonic() + self._limit_s
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._raised: BaseException | None = None
@@ -95,9 +96,8 @@ class BoundedCall:
             with self._lock:
                 self._abandoned = not self._done.is_set()
             if self._abandoned:
-                raise CallAbandoned(
-                    KafkaError(KafkaError._TIMED_OUT, f"{self._what}: no return in time")
-                )
+                what = f"{self._what}: no return in {self._limit_s:.0f} s"
+                raise CallAbandoned(KafkaError(KafkaError._TIMED_OUT, what))
         if self._raised is not None:
             raise self._raised
 

@@ -4,12 +4,13 @@ abandoned in its thread, and its client closed only once it returns."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from ensync_kafka import _kafka
-from ensync_kafka._kafka import CallAbandoned, bounded
+from ensync_kafka._kafka import BoundedCall, CallAbandoned, bounded
 
 
 def test_a_call_that_returns_in_time_returns_and_nothing_is_abandoned() -> None:
@@ -40,3 +41,18 @@ def test_an_overrun_is_abandoned_and_its_client_closed_only_after_it_returns(
     assert not abandoned.is_set(), "closed while the call is still inside librdkafka"
     release.set()
     assert abandoned.wait(5), "closed once the call returned"
+
+
+def test_the_deadline_runs_from_the_start_while_the_caller_works_beside_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_kafka, "OVERRUN_GRACE_S", 0.05)
+    release, abandoned = threading.Event(), threading.Event()
+    call = BoundedCall(lambda: release.wait(10), 0.05, "beside", abandon=abandoned.set)
+    time.sleep(0.3)  # the caller's own work (the worker's flush) outlasts the limit
+    started = time.monotonic()
+    with pytest.raises(CallAbandoned):
+        call.result()
+    assert time.monotonic() - started < 0.05, "result() waited again after the deadline"
+    release.set()
+    assert abandoned.wait(5)
