@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from . import audit
-from ._kafka import BrokerWatch, retire
+from ._kafka import BrokerWatch, CallAbandoned, bounded, retire
 from .client import DeferClient
 from .codec import DELIVERED
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, ConsumerConfig
@@ -60,7 +60,11 @@ FILL_INTERVAL_S = 0.005
 CONSUME_BATCH = 500
 COMMIT_EVERY = 1000
 """Handled events that trigger a commit before ``consumer.commit_interval`` has passed."""
-COMMIT_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+"""How long (plus _kafka.OVERRUN_GRACE_S) a stopping consumer waits for its last commit and for
+leaving its group. librdkafka's close waits for a broker that does not answer (down, frozen) for
+as long as it takes (librdkafka #3740); past this, run() returns and the two are left in a
+thread: what was handled since the last commit is handled again by the partitions' next owner."""
 WATERMARK_TIMEOUT_S = 1.0
 LAG_REFRESH_S = 0.5
 
@@ -335,11 +339,23 @@ class PriorityConsumer:
         retire(old_producer, f"{self.group}-producer")
 
     def _close(self) -> None:
-        try:
+        consumer = self._consumer
+
+        def leave() -> None:
             try:
                 self._commit(asynchronous=False)
             finally:
-                self._consumer.close()  # leaves the group: the partitions move on at once
+                consumer.close()  # leaves the group: the partitions move on at once
+
+        try:
+            bounded(leave, STOP_TIMEOUT_S, f"{self.group}-close", abandon=lambda: None)
+        except CallAbandoned:
+            log.warning(
+                "consumer group %s: no answer from Kafka while committing and leaving the "
+                "group; stopping without it (what was handled since the last commit will be "
+                "handled again)",
+                self.group,
+            )
         finally:
             self._producer.flush(FLUSH_TIMEOUT_S)
             if self._owns_client and self._client is not None:
@@ -526,8 +542,9 @@ class PriorityConsumer:
         except KafkaException as exc:
             log.warning("consumer group %s: commit failed: %s", self.group, exc.args[0])
             return
-        for tp in offsets:
-            self._done.pop(tp, None)
+        for tp, offset in offsets.items():
+            if self._done.get(tp) == offset:  # a late commit (_close) keeps newer ones
+                del self._done[tp]
         if not self._done:
             self._uncommitted = 0
         self._last_commit = time.monotonic()

@@ -198,6 +198,9 @@ class ConsumerThread:
         except BaseException as exc:
             self.error = exc
 
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
     def alive(self) -> bool:
         if self.error is not None:
             raise AssertionError(f"the consumer failed: {self.error!r}") from self.error

@@ -1,5 +1,5 @@
-"""A PriorityConsumer whose group session times out while the broker is frozen: its partitions
-are lost, then assigned to it again, and every event is handled."""
+"""A PriorityConsumer and a frozen broker: a group session that times out (its partitions are
+lost, then assigned to it again, and every event is handled), and a stop while it is frozen."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from ensync_kafka import DeferClient, DeferRequest, DeliveredEvent, PriorityConsumer, ensure_topics
+from ensync_kafka import consumer as consumer_module
+from ensync_kafka._kafka import OVERRUN_GRACE_S
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.localbroker import LocalBroker
 from tests.helpers import (
@@ -95,3 +97,45 @@ def test_partitions_paused_when_lost_are_consumed_when_assigned_again(
             what="every event handled",
             describe=lambda: f"{len(expected - handled)} not handled; {consumer_state(consumer)}",
         )
+
+
+@pytest.mark.timeout(180)
+def test_a_consumer_stops_within_seconds_while_the_broker_is_frozen(
+    own_broker: LocalBroker,
+    unique_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop commits and leaves the group, and librdkafka's close waits for a broker that does
+    not answer for as long as it takes (librdkafka #3740): run() returns all the same, by
+    STOP_TIMEOUT_S plus the grace, and says what it left undone."""
+    stop_timeout_s = 2.0
+    monkeypatch.setattr(consumer_module, "STOP_TIMEOUT_S", stop_timeout_s)
+    info = own_broker.status()
+    assert info is not None
+    mapping = pipeline_mapping(
+        unique_prefix, info.bootstrap, tmp_path / "state", tiers=({"name": "all", "span": 60},)
+    )
+    config = config_from_mapping(mapping, environ={})
+    ensure_topics(config)
+    handled: set[str] = set()
+    with (
+        caplog.at_level(logging.WARNING, "ensync_kafka.consumer"),
+        WorkerThread(config),
+        DeferClient(config) as client,
+        ConsumerThread(PriorityConsumer(config), lambda e: handled.add(e.defer_id)) as consuming,
+    ):
+        client.defer_many(DeferRequest(name="s", payload=i, delay=0) for i in range(20))
+        wait_until(lambda: len(handled) == 20, timeout=WAIT_S, what="every event handled")
+        os.kill(info.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            consuming.consumer.stop()
+            consuming.join(stop_timeout_s + OVERRUN_GRACE_S + 10)
+            took = time.monotonic() - started
+        finally:
+            os.kill(info.pid, signal.SIGCONT)
+        assert not consuming.alive(), "run() did not return while the broker was frozen"
+    assert took < stop_timeout_s + OVERRUN_GRACE_S + 5, f"the stop took {took:.1f} s"
+    assert "no answer from Kafka" in caplog.text
