@@ -698,8 +698,8 @@ class TierWorker:
         self.stats.aborts += 1
         if err.fatal() or not err.txn_requires_abort():
             # Fenced, failed, or the outcome is unknown: retries ran out, or the call was
-            # abandoned (its producer is closed once it returns, not now).
-            self._start_over(exc, retire_old=not isinstance(exc, CallAbandoned))
+            # abandoned (CallAbandoned).
+            self._start_over(exc)
             return
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
         producer, name = self.producer, f"{self.tier.name}-abort"
@@ -710,11 +710,8 @@ class TierWorker:
                 name,
                 abandon=lambda: retire(producer, name),
             )
-        except CallAbandoned as abort_exc:  # still inside abort: closed when it returns
-            self._start_over(abort_exc, retire_old=False)
-            return
-        except KafkaException as abort_exc:
-            self._start_over(abort_exc)  # fenced while aborting, or wedged (see CLIENT_DEFAULTS)
+        except KafkaException as abort_exc:  # fenced while aborting, wedged, or abandoned
+            self._start_over(abort_exc)
             return
         # Nothing of this turn happened (RocksDB is written only after a commit): read its
         # records again.
@@ -722,7 +719,7 @@ class TierWorker:
             if p in self.stores:
                 self.consumer.seek(TopicPartition(self.topic, p, offset))
 
-    def _start_over(self, exc: KafkaException, *, retire_old: bool = True) -> None:
+    def _start_over(self, exc: KafkaException) -> None:
         """Do in-process what a restart would: a new producer with the same transactional id,
         whose init_transactions fences this one and completes or aborts what it left open, then
         new consumers that join the group again and read the partitions' state and positions
@@ -752,7 +749,7 @@ class TierWorker:
             )
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
-        if retire_old:
+        if not isinstance(exc, CallAbandoned):  # else closed once the call returns (bounded)
             retire(old, f"{self.tier.name}-producer-{n}")
         self._replace_consumers()
 
