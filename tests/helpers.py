@@ -485,6 +485,78 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ensync_kafka", *args]
 
 
+CLI_STOP_TIMEOUT_S = 30.0
+STACK_DUMP_WAIT_S = 2.0
+
+
+class CliProcess:
+    """A long-running ``ensync-kafka`` process whose stderr lines are collected as they come.
+
+    :meth:`stop` never leaves it running: one that does not exit in time is asked for its
+    threads' stacks (SIGUSR1, see the CLI), killed, and the test fails with its last lines."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            cli_command(*args),
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def count(self, pattern: str) -> int:
+        regex = re.compile(pattern)
+        return sum(1 for line in list(self.lines) if regex.search(line))
+
+    def wait_for(self, pattern: str, times: int = 1, timeout: float = 60.0) -> str:
+        """Wait until ``pattern`` has appeared ``times`` times; the last such line."""
+
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                tail = "\n".join(self.lines[-20:])
+                raise AssertionError(f"exited {self.proc.returncode} early:\n{tail}")
+            return self.count(pattern) >= times
+
+        wait_until(
+            seen,
+            timeout=timeout,
+            what=f"{times} x {pattern!r}",
+            describe=lambda: "\n".join(self.lines[-10:]),
+        )
+        regex = re.compile(pattern)
+        return [line for line in list(self.lines) if regex.search(line)][-1]
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(CLI_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(STACK_DUMP_WAIT_S)
+            self.proc.kill()
+            self.proc.wait()
+            self._reader.join(CLI_STOP_TIMEOUT_S)
+            tail = "\n".join(self.lines[-80:])
+            pytest.fail(
+                f"{self.proc.args!r} did not exit within {CLI_STOP_TIMEOUT_S:.0f}s of "
+                f"{sig.name}; its threads then, and its last lines:\n{tail}"
+            )
+        finally:
+            self._reader.join(CLI_STOP_TIMEOUT_S)
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
 def write_config(path: Path, mapping: Mapping[str, Any], *, with_bootstrap: bool = False) -> Path:
     """Write a config YAML for a CLI process; the bootstrap comes from the environment unless
     ``with_bootstrap``."""

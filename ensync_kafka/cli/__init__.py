@@ -6,7 +6,9 @@ Command groups live one per module in this package and register themselves in ``
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
 import click
@@ -25,6 +27,9 @@ from ._common import CONTEXT_SETTINGS
 )
 def cli(log_level: str) -> None:
     """ensync-kafka: defer Kafka events to a later time, delivered once, by priority."""
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a process that will not
+    # stop (or will not progress) is waiting, usually inside a Kafka client call.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

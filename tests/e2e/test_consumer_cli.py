@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +21,17 @@ import yaml
 
 from ensync_kafka.config import Config
 from ensync_kafka.topics import TopicNames
-from tests.helpers import TopicReader, audit_records, cli_command, cli_env, wait_until
+from tests.helpers import (
+    CliProcess,
+    TopicReader,
+    audit_records,
+    cli_command,
+    cli_env,
+    wait_until,
+)
 
 WAIT_S = 60.0
 CLI_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,60 +44,6 @@ def handle(event):
     with open(os.environ["HANDLED_LOG"], "a") as log:
         log.write(json.dumps({"defer_id": event.defer_id, "i": event.json()["i"]}) + "\\n")
 """
-
-
-class Process:
-    """A long-running CLI process whose stderr lines are collected as they come."""
-
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            cli_command(*args),
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def count(self, pattern: str) -> int:
-        regex = re.compile(pattern)
-        return sum(1 for line in list(self.lines) if regex.search(line))
-
-    def wait_for(self, pattern: str, times: int = 1) -> None:
-        def seen() -> bool:
-            if self.proc.poll() is not None:
-                tail = "\n".join(self.lines[-20:])
-                raise AssertionError(f"exited {self.proc.returncode} early:\n{tail}")
-            return self.count(pattern) >= times
-
-        wait_until(
-            seen,
-            timeout=WAIT_S,
-            what=f"{times} x {pattern!r}",
-            describe=lambda: "\n".join(self.lines[-10:]),
-        )
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"{self.proc.args!r} did not stop within {STOP_TIMEOUT_S:.0f}s of SIGTERM")
-        finally:
-            self._reader.join(STOP_TIMEOUT_S)
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -156,8 +106,8 @@ def test_defer_file_dead_list_and_redrive(setup: dict[str, Any]) -> None:
     events.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     (tmp / "fail").touch()
 
-    worker = Process(["worker"], setup["env"], tmp)
-    consumer = Process(["consume", "handlers:handle"], setup["env"], tmp)
+    worker = CliProcess(["worker"], setup["env"], tmp)
+    consumer = CliProcess(["consume", "handlers:handle"], setup["env"], tmp)
     try:
         worker.wait_for(r"tier all: assigned")
         sent = run(setup, "defer-file", str(events))

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,14 +19,10 @@ import yaml
 
 from ensync_kafka.config import load_config
 from ensync_kafka.query import Cluster
+from tests.helpers import CliProcess, cli_command
 
 CLI_TIMEOUT_S = 60.0
 WAIT_S = 60.0
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("ensync-kafka")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ensync_kafka"]
 
 
 @pytest.fixture
@@ -57,7 +52,7 @@ def _env(config_file: Path) -> dict[str, str]:
 
 def _run(config_file: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [*_cli(), *args],
+        cli_command(*args),
         env=_env(config_file),
         capture_output=True,
         text=True,
@@ -77,15 +72,9 @@ def _defer(config_file: Path, *args: str) -> Any:
 
 
 @pytest.fixture
-def worker(config_file: Path) -> Iterator[subprocess.Popen[str]]:
+def worker(config_file: Path) -> Iterator[CliProcess]:
     _run(config_file, "topics", "create")
-    process = subprocess.Popen(
-        [*_cli(), "--log-level", "WARNING", "worker"],
-        env=_env(config_file),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = CliProcess(["--log-level", "WARNING", "worker"], _env(config_file))
     cluster = Cluster(load_config(config_file))
     try:
         deadline = time.monotonic() + WAIT_S
@@ -93,23 +82,16 @@ def worker(config_file: Path) -> Iterator[subprocess.Popen[str]]:
             status = cluster.status()
             if all(t["covered"] == t["partitions"] for t in status["tiers"]):
                 break
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"worker not ready: {process.communicate(timeout=30)[1][-3000:]}")
+            if process.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("worker not ready:\n" + "\n".join(process.lines[-30:]))
             time.sleep(0.2)
         yield process
     finally:
         cluster.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+        process.stop()
 
 
-def test_monitor_commands(config_file: Path, worker: subprocess.Popen[str]) -> None:
+def test_monitor_commands(config_file: Path, worker: CliProcess) -> None:
     soon = _defer(config_file, "--name", "cli.soon", "--delay", "40s", "--priority",
                  "5", "--reason", "card retry")  # fmt: skip
     later = _defer(
@@ -161,16 +143,9 @@ def test_monitor_commands(config_file: Path, worker: subprocess.Popen[str]) -> N
     )
     assert _json(config_file, "audit", "--until", "1h") == []
 
-    dashboard = subprocess.Popen(
-        [*_cli(), "dashboard", "--port", "0"],
-        env=_env(config_file),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    dashboard = CliProcess(["dashboard", "--port", "0"], _env(config_file))
     try:
-        assert dashboard.stderr is not None
-        url = re.search(r"http://\S+", dashboard.stderr.readline())
+        url = re.search(r"http://\S+", dashboard.wait_for(r"dashboard: http://"))
         assert url, "the dashboard did not print its URL"
         with urllib.request.urlopen(url.group(0) + "api/v1/upcoming", timeout=10) as response:
             items = json.load(response)["items"]
@@ -178,5 +153,4 @@ def test_monitor_commands(config_file: Path, worker: subprocess.Popen[str]) -> N
         with urllib.request.urlopen(url.group(0), timeout=10) as response:
             assert b"Upcoming deliveries" in response.read()
     finally:
-        dashboard.send_signal(signal.SIGINT)
-        dashboard.communicate(timeout=30)
+        assert dashboard.stop(signal.SIGINT) == 0
