@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import importlib
 import logging
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from . import audit
 from ._kafka import BrokerWatch, CallAbandoned, bounded, retire
+from ._signals import stop_on_signals
 from .client import DeferClient
 from .codec import DELIVERED
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, ConsumerConfig
@@ -254,7 +253,7 @@ class PriorityConsumer:
         if self._handler is None:
             raise ConfigError("no handler: pass one to run() or decorate it with .handler")
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            self._install_signal_handlers()
+            stop_on_signals(self._stop, log, "finishing the event in hand and stopping")
         self._stop.clear()
         self._reset_state()
         self._open()
@@ -362,14 +361,6 @@ class PriorityConsumer:
                 self._client.close()
                 self._client = None
             log.info("consumer group %s: stopped (%s)", self.group, self.stats)
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %d: finishing the event in hand and stopping", signum)
-            self._stop.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
     # -- fetching and choosing ----------------------------------------------------------------
 

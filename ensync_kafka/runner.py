@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 
+from ._signals import stop_on_signals
 from .config import Config
 from .exceptions import BrokerError
 from .hooks import WorkerHooks
@@ -63,7 +62,7 @@ class Worker:
 
     def run(self, *, install_signal_handlers: bool = True) -> None:
         if install_signal_handlers:
-            self._install_signal_handlers()
+            stop_on_signals(self.stop_event, log, "finishing the open transaction and stopping")
         # Daemons: a thread stuck in a client call must not keep the process from exiting.
         threads = [
             threading.Thread(
@@ -95,11 +94,3 @@ class Worker:
 
     def stop(self) -> None:
         self.stop_event.set()
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %d: finishing the open transaction and stopping", signum)
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)

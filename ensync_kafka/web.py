@@ -227,10 +227,6 @@ class WebServer:
         )  # fmt: skip
         self._thread.start()
 
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until :meth:`stop` (from another thread) or Ctrl-C."""
-        self._server.serve_forever(poll_interval=0.2)
-
     def stop(self) -> None:
         if self._thread is not None:
             self._server.shutdown()

@@ -495,16 +495,30 @@ class CliProcess:
     :meth:`stop` never leaves it running: one that does not exit in time is asked for its
     threads' stacks (SIGUSR1, see the CLI), killed, and the test fails with its last lines."""
 
-    def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        cwd: Path | None = None,
+        *,
+        sigint_ignored: bool = False,
+    ) -> None:
+        """``sigint_ignored``: start it as a non-interactive shell starts a background job,
+        with SIGINT ignored (which a process inherits)."""
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            cli_command(*args),
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+        try:
+            self.proc = subprocess.Popen(
+                cli_command(*args),
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            if sigint_ignored:
+                signal.signal(signal.SIGINT, previous)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

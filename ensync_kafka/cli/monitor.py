@@ -9,13 +9,16 @@ HTTP; ``audit`` reads the audit store (synced from ``{prefix}.audit`` first); ``
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
+from .._signals import stop_on_signals
 from ..auditstore import AuditStore
 from ..client import DeferClient
 from ..config import parse_duration
@@ -23,6 +26,11 @@ from ..control import ControlResult
 from ..query import Cluster
 from ..web import App, WebServer
 from ._common import CONTEXT_SETTINGS, config_option, load
+
+log = logging.getLogger("ensync_kafka.dashboard")
+
+SIGNAL_POLL_S = 1.0
+"""How often the dashboard's main thread looks at its stop event besides being woken by it."""
 
 EXIT_NOT_DONE = 1
 """cancel/reschedule: the deferral was already delivered, already cancelled, or is unknown."""
@@ -366,16 +374,19 @@ def audit(
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_DASHBOARD_PORT,
               show_default=True, show_envvar=True, help="0 picks a free port")  # fmt: skip
 def dashboard(config_path: str | None, host: str, port: int) -> None:
-    """Serve the web dashboard (tiers, upcoming deliveries, audit, dead letters) until Ctrl-C.
+    """Serve the web dashboard (tiers, upcoming deliveries, audit, dead letters) until SIGTERM
+    or Ctrl-C.
 
     Workers serve the same page on their own monitor port.
     """
     server = WebServer(App(load(config_path)), host, port)
+    stop = threading.Event()
+    stop_on_signals(stop, log, "stopping the dashboard")
+    server.start()
     click.echo(f"dashboard: http://{host}:{server.port}/", err=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
     finally:
         server.stop()
 

@@ -143,7 +143,8 @@ def test_monitor_commands(config_file: Path, worker: CliProcess) -> None:
     )
     assert _json(config_file, "audit", "--until", "1h") == []
 
-    dashboard = CliProcess(["dashboard", "--port", "0"], _env(config_file))
+    # SIGINT stops it even when started the way CI's shell starts background jobs.
+    dashboard = CliProcess(["dashboard", "--port", "0"], _env(config_file), sigint_ignored=True)
     try:
         url = re.search(r"http://\S+", dashboard.wait_for(r"dashboard: http://"))
         assert url, "the dashboard did not print its URL"
