@@ -527,9 +527,9 @@ class CliProcess:
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def count(self, pattern: str) -> int:
+    def matching(self, pattern: str) -> list[str]:
         regex = re.compile(pattern)
-        return sum(1 for line in list(self.lines) if regex.search(line))
+        return [line for line in list(self.lines) if regex.search(line)]
 
     def wait_for(self, pattern: str, times: int = 1, timeout: float = 60.0) -> str:
         """Wait until ``pattern`` has appeared ``times`` times; the last such line."""
@@ -538,7 +538,7 @@ class CliProcess:
             if self.proc.poll() is not None:
                 tail = "\n".join(self.lines[-20:])
                 raise AssertionError(f"exited {self.proc.returncode} early:\n{tail}")
-            return self.count(pattern) >= times
+            return len(self.matching(pattern)) >= times
 
         wait_until(
             seen,
@@ -546,8 +546,7 @@ class CliProcess:
             what=f"{times} x {pattern!r}",
             describe=lambda: "\n".join(self.lines[-10:]),
         )
-        regex = re.compile(pattern)
-        return [line for line in list(self.lines) if regex.search(line)][-1]
+        return self.matching(pattern)[-1]
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
