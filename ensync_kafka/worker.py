@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ from ._kafka import (
     BoundedCall,
     BrokerWatch,
     CallAbandoned,
-    bounded,
     retire,
     retrying,
     where,
@@ -645,16 +645,23 @@ class TierWorker:
             return None
         tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
         metadata = self.consumer.consumer_group_metadata()
-        name = f"{self.tier.name}-send-offsets"
-        return BoundedCall(
+        return self._bounded(
+            producer,
+            "send-offsets",
             lambda: retrying(
                 lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S),
                 give_up=lambda: watch.stranded,
             ),
             TXN_CALL_ATTEMPTS * TXN_TIMEOUT_S,
-            name,
-            abandon=lambda: retire(producer, name),
         )
+
+    def _bounded(
+        self, producer: Producer, what: str, call: Callable[[], None], timeout: float
+    ) -> BoundedCall:
+        """``call`` on ``producer`` as a BoundedCall. Abandoned, the producer is closed once the
+        call returns, not by _start_over (which replaces it)."""
+        name = f"{self.tier.name}-{what}"
+        return BoundedCall(call, timeout, name, abandon=lambda: retire(producer, name))
 
     def _next_producer(self) -> None:
         self._turns += 1
@@ -702,14 +709,11 @@ class TierWorker:
             self._start_over(exc)
             return
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
-        producer, name = self.producer, f"{self.tier.name}-abort"
+        producer = self.producer
         try:
-            bounded(
-                lambda: producer.abort_transaction(TXN_TIMEOUT_S),
-                TXN_TIMEOUT_S,
-                name,
-                abandon=lambda: retire(producer, name),
-            )
+            self._bounded(
+                producer, "abort", lambda: producer.abort_transaction(TXN_TIMEOUT_S), TXN_TIMEOUT_S
+            ).result()
         except KafkaException as abort_exc:  # fenced while aborting, wedged, or abandoned
             self._start_over(abort_exc)
             return
@@ -749,7 +753,7 @@ class TierWorker:
             )
         self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
         self.producer = fresh
-        if not isinstance(exc, CallAbandoned):  # else closed once the call returns (bounded)
+        if not isinstance(exc, CallAbandoned):  # else closed once the call returns (_bounded)
             retire(old, f"{self.tier.name}-producer-{n}")
         self._replace_consumers()
 
