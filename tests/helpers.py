@@ -16,7 +16,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -182,6 +183,17 @@ def strand(watch: BrokerWatch) -> None:
     stats = json.dumps({"brokers": {"GroupCoordinator": {**logical, "state": "TRY_CONNECT"}}})
     for _ in range(STRANDED_REPORTS):
         watch.report(stats)
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block, as a stalled broker is: requests to it hang
+    instead of being refused. Resumed whatever the block raises."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 class ConsumerThread:

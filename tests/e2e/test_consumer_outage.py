@@ -4,25 +4,25 @@ lost, then assigned to it again, and every event is handled), and a stop while i
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ensync_kafka import DeferClient, DeferRequest, DeliveredEvent, PriorityConsumer, ensure_topics
 from ensync_kafka import consumer as consumer_module
 from ensync_kafka._kafka import OVERRUN_GRACE_S
-from ensync_kafka.config import config_from_mapping
-from ensync_kafka.localbroker import LocalBroker
+from ensync_kafka.config import Config, config_from_mapping
+from ensync_kafka.localbroker import BrokerInfo, LocalBroker
 from tests.helpers import (
     FAST_GROUP_CLIENT,
     ConsumerThread,
     WorkerThread,
     consumer_state,
     delivered,
+    frozen,
     pipeline_mapping,
     queue_reader,
     wait_until,
@@ -36,20 +36,29 @@ FREEZE_S = 7.0
 it wakes fenced: librdkafka #5301, tested in test_pipeline_exactly_once)."""
 
 
+def _pipeline(
+    broker: LocalBroker, prefix: str, tmp_path: Path, **consumer: Any
+) -> tuple[BrokerInfo, Config]:
+    """The running ``broker`` and a config on it (one tier, ``consumer`` settings), topics made."""
+    info = broker.status()
+    assert info is not None
+    mapping = pipeline_mapping(
+        prefix, info.bootstrap, tmp_path / "state", tiers=({"name": "all", "span": 60},)
+    )
+    if consumer:
+        mapping["consumer"] = consumer
+    config = config_from_mapping(mapping, environ={})
+    ensure_topics(config)
+    return info, config
+
+
 @pytest.mark.timeout(180)
 def test_partitions_paused_when_lost_are_consumed_when_assigned_again(
     own_broker: LocalBroker, unique_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """librdkafka keeps a partition's pause across a lost assignment (librdkafka #1849): one
     paused for a full buffer when the session timed out must be fetched once it is back."""
-    info = own_broker.status()
-    assert info is not None
-    mapping = pipeline_mapping(
-        unique_prefix, info.bootstrap, tmp_path / "state", tiers=({"name": "all", "span": 60},)
-    )
-    mapping["consumer"] = {"buffer": BUFFER}
-    config = config_from_mapping(mapping, environ={})
-    ensure_topics(config)
+    info, config = _pipeline(own_broker, unique_prefix, tmp_path, buffer=BUFFER)
     handled: set[str] = set()
     gate, held = threading.Event(), threading.Event()
     gate.set()
@@ -84,11 +93,10 @@ def test_partitions_paused_when_lost_are_consumed_when_assigned_again(
         gate.clear()
         assert held.wait(WAIT_S), "the handler did not take another event"
         assert consumer._paused, "paused while the session times out"
-        os.kill(info.pid, signal.SIGSTOP)
         try:
-            time.sleep(FREEZE_S)
+            with frozen(info.pid):
+                time.sleep(FREEZE_S)
         finally:
-            os.kill(info.pid, signal.SIGCONT)
             gate.set()
         wait_until(lambda: "lost" in caplog.text, timeout=WAIT_S, what="the lost assignment")
         wait_until(
@@ -112,13 +120,7 @@ def test_a_consumer_stops_within_seconds_while_the_broker_is_frozen(
     STOP_TIMEOUT_S plus the grace, and says what it left undone."""
     stop_timeout_s = 2.0
     monkeypatch.setattr(consumer_module, "STOP_TIMEOUT_S", stop_timeout_s)
-    info = own_broker.status()
-    assert info is not None
-    mapping = pipeline_mapping(
-        unique_prefix, info.bootstrap, tmp_path / "state", tiers=({"name": "all", "span": 60},)
-    )
-    config = config_from_mapping(mapping, environ={})
-    ensure_topics(config)
+    info, config = _pipeline(own_broker, unique_prefix, tmp_path)
     handled: set[str] = set()
     with (
         caplog.at_level(logging.WARNING, "ensync_kafka.consumer"),
@@ -128,14 +130,11 @@ def test_a_consumer_stops_within_seconds_while_the_broker_is_frozen(
     ):
         client.defer_many(DeferRequest(name="s", payload=i, delay=0) for i in range(20))
         wait_until(lambda: len(handled) == 20, timeout=WAIT_S, what="every event handled")
-        os.kill(info.pid, signal.SIGSTOP)
-        try:
+        with frozen(info.pid):
             started = time.monotonic()
             consuming.consumer.stop()
             consuming.join(stop_timeout_s + OVERRUN_GRACE_S + 10)
             took = time.monotonic() - started
-        finally:
-            os.kill(info.pid, signal.SIGCONT)
         assert not consuming.alive(), "run() did not return while the broker was frozen"
     assert took < stop_timeout_s + OVERRUN_GRACE_S + 5, f"the stop took {took:.1f} s"
     assert "no answer from Kafka" in caplog.text

@@ -8,7 +8,6 @@ read_committed consumer of all the priority topics.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -37,6 +36,7 @@ from tests.helpers import (
     WorkerProcess,
     collect_ledger,
     consumer_state,
+    frozen,
     pipeline_mapping,
     wait_until,
     write_config,
@@ -292,9 +292,8 @@ def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
             if not frozen_s:
                 assert own_broker.restart().pid != info.pid
             else:  # requests hang instead of being refused; open transactions time out
-                os.kill(info.pid, signal.SIGSTOP)
-                time.sleep(frozen_s)
-                os.kill(info.pid, signal.SIGCONT)
+                with frozen(info.pid):
+                    time.sleep(frozen_s)
             outages.append(chunk)
 
         expected = stream(client, reader, disturb, seed=3)
