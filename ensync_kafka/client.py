@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Producer
 
 from . import control
+from ._ids import DEFAULT_PARTITIONER, AlignedIds
 from ._kafka import retire
 from .codec import DEFERRAL
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
@@ -90,6 +90,12 @@ class DeferClient:
         self._topics = TopicNames(config.prefix)
         self._settings = dict(producer_settings or {})
         self._lock = threading.Lock()
+        partitioner = {**config.kafka.client_settings(), **self._settings}.get(
+            "partitioner", DEFAULT_PARTITIONER
+        )
+        self._ids = AlignedIds(
+            config.topics.defer.partitions if partitioner == DEFAULT_PARTITIONER else 1
+        )
         self._producer = self._new_producer()
 
     def _new_producer(self) -> Producer:
@@ -235,6 +241,9 @@ class DeferClient:
 
     def _prepare(self, req: DeferRequest, now: int) -> tuple[str, bytes, bytes, Receipt]:
         record, tier = self._validate(req, now)
+        topic = self._topics.defer(tier.name)
+        if record["defer_id"] is None:
+            record["defer_id"] = self._ids.new(topic)
         value = DEFERRAL.encode(record)
         receipt = Receipt(
             defer_id=record["defer_id"],
@@ -243,7 +252,7 @@ class DeferClient:
             queue=record["queue"],
             priority=record["priority"],
         )
-        return self._topics.defer(tier.name), record["defer_id"].encode(), value, receipt
+        return topic, record["defer_id"].encode(), value, receipt
 
     def _validate(self, req: DeferRequest, now: int) -> tuple[dict[str, Any], TierConfig]:
         cfg = self._config
@@ -287,8 +296,10 @@ class DeferClient:
                 f"payload: {len(payload)} bytes is over the limit of "
                 f"{cfg.defer.max_payload_bytes} (defer.max_payload_bytes)"
             )
-        defer_id = req.defer_id if req.defer_id is not None else uuid.uuid4().hex
-        if not isinstance(defer_id, str) or not defer_id or len(defer_id) > MAX_DEFER_ID_CHARS:
+        defer_id = req.defer_id  # None: _prepare makes one (_ids.py)
+        if defer_id is not None and (
+            not isinstance(defer_id, str) or not defer_id or len(defer_id) > MAX_DEFER_ID_CHARS
+        ):
             raise ValidationError(f"defer_id: 1..{MAX_DEFER_ID_CHARS} characters required")
         key = req.key.encode() if isinstance(req.key, str) else req.key
         if key is not None and not isinstance(key, bytes):

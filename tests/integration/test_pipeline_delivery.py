@@ -5,6 +5,8 @@ Timing, priority, tier routing and the audit trail of ordinary deferrals.
 
 from __future__ import annotations
 
+import uuid
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -231,7 +233,11 @@ def test_keyed_events_keep_their_order_and_keyless_ones_share_a_partition_per_tu
         )
         for n in range(4)
     ]
-    keyless = [DeferRequest(name="batch", payload={"n": n}, at=at, priority=2) for n in range(24)]
+    # Ids of our own: the client's would all hash to one partition (_ids.py).
+    keyless = [
+        DeferRequest(name="batch", payload={"n": n}, at=at, priority=2, defer_id=uuid.uuid4().hex)
+        for n in range(24)
+    ]
     with (
         WorkerThread(config),
         queue_reader(kafka_bootstrap, unique_prefix) as reader,
@@ -255,3 +261,25 @@ def test_keyed_events_keep_their_order_and_keyless_ones_share_a_partition_per_tu
     # One due time, released in one turn: one partition, though their ids hash all over six.
     assert len({d.record.partition for d in batch}) == 1
     assert all(d.record.key == d.event.defer_id.encode() for d in batch)
+
+
+def test_a_batch_of_fresh_ids_goes_to_one_tier_partition_where_the_ids_hash(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The client chooses the ids it makes so that a batch is one ProduceRequest (_ids.py);
+    librdkafka's partitioner, keyed by those ids, must agree with its choice."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", partitions=6)
+    ensure_topics(config)
+    with DeferClient(config) as client:
+        receipts = client.defer_many(
+            [DeferRequest(name="fresh", payload={"n": n}, delay=5) for n in range(40)]
+        )
+    topic = TopicNames(unique_prefix).defer(receipts[0].tier)
+    with TopicReader(kafka_bootstrap, [topic]) as reader:
+        records = reader.poll_until(
+            lambda records: len(records) >= len(receipts), timeout=WAIT_S, what="every deferral"
+        )
+    hashed = {zlib.crc32(r.defer_id.encode()) % 6 for r in receipts}
+    assert len(hashed) == 1
+    assert {r.partition for r in records} == hashed
+    assert sorted(r.key for r in records) == sorted(r.defer_id.encode() for r in receipts)
