@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from ._ids import AlignedIds
 from .client import DeferClient, ProgressCallback
 from .codec import DEFERRAL
 from .config import Config, config_from_mapping
@@ -25,6 +26,7 @@ class InMemoryDeferClient(DeferClient):
             {"kafka": {"bootstrap_servers": "in-memory:0"}}, environ={}
         )
         self._topics = TopicNames(self._config.prefix)
+        self._ids = AlignedIds(1)  # no partitions to fill: plain random ids
         self.pending: dict[str, tuple[dict[str, Any], Receipt]] = {}
         self.delivered: dict[str, DeliveredEvent] = {}
         self.duplicates = 0
