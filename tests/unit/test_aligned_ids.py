@@ -6,10 +6,11 @@ import string
 import threading
 import zlib
 from collections import Counter
+from typing import Any
 
 from ensync_kafka import DeferClient, DeferRequest
 from ensync_kafka._ids import STICKY_IDS, AlignedIds
-from ensync_kafka.config import load_config
+from ensync_kafka.config import config_from_mapping
 
 T1, T10 = "q.defer.1s", "q.defer.10s"
 
@@ -59,24 +60,22 @@ def test_one_partition_needs_no_alignment() -> None:
     assert len(made) == 100
 
 
-def _client_ids(config_text: str, tmp_path: object, n: int) -> list[str]:
-    path = tmp_path / "ensync.yaml"  # type: ignore[operator]
-    path.write_text(config_text)
-    client = DeferClient(load_config(path, environ={}))
+def _client_ids(kafka: dict[str, Any], n: int) -> list[str]:
+    """The ids a client makes for ``n`` requests (prepared, never sent)."""
+    config = config_from_mapping(
+        {"kafka": kafka, "topics": {"defer": {"partitions": 4}}}, environ={}
+    )
+    client = DeferClient(config, producer_settings={"log_level": "0"})
     requests = [DeferRequest(name="e", payload=b"", delay=5) for _ in range(n)]
     return [client._prepare(r, 0)[3].defer_id for r in requests]
 
 
-def test_the_client_aligns_its_ids_to_the_configured_tier_partitions(tmp_path: object) -> None:
-    config = "kafka: {bootstrap_servers: '127.0.0.1:1'}\ntopics: {defer: {partitions: 4}}\n"
-    made = _client_ids(config, tmp_path, 50)
+def test_the_client_aligns_its_ids_to_the_configured_tier_partitions() -> None:
+    made = _client_ids({"bootstrap_servers": "127.0.0.1:1"}, 50)
     assert len({partition(i, 4) for i in made}) == 1
 
 
-def test_with_another_partitioner_the_client_leaves_ids_random(tmp_path: object) -> None:
-    config = (
-        "kafka: {bootstrap_servers: '127.0.0.1:1', client: {partitioner: murmur2_random}}\n"
-        "topics: {defer: {partitions: 4}}\n"
-    )
-    made = _client_ids(config, tmp_path, 200)
+def test_with_another_partitioner_the_client_leaves_ids_random() -> None:
+    kafka = {"bootstrap_servers": "127.0.0.1:1", "client": {"partitioner": "murmur2_random"}}
+    made = _client_ids(kafka, 200)
     assert len({partition(i, 4) for i in made}) == 4
