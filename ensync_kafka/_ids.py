@@ -14,6 +14,10 @@ many tries as there are partitions. Consecutive ids then share a partition for S
 before the next partition takes over. Nothing depends on the guess being right: the record is
 still produced by key, so with another partitioner, or a topic whose partition count differs
 from the configuration, the ids are merely spread as before.
+
+Counting up from a random prefix, rather than drawing every id at random until one fits, costs
+what ``uuid4().hex`` does (2.3 against 4.4 µs), and a worker's RocksDB takes such runs in faster;
+held, they cost it more memory (about 325 against 280 MB with a million: README, Benchmark).
 """
 
 from __future__ import annotations
