@@ -19,14 +19,14 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from ensync_kafka.codec import DEFERRAL, delivered_suffix
-from ensync_kafka.models import now_ms
-from ensync_kafka.topics import TopicNames
-from ensync_kafka.worker import (
+from ensync_kafka._txn import (
     TRANSACTIONAL_PRODUCER_SETTINGS,
     TRANSACTIONAL_PRODUCERS,
     TXN_TIMEOUT_S,
 )
+from ensync_kafka.codec import DEFERRAL, delivered_suffix
+from ensync_kafka.models import now_ms
+from ensync_kafka.topics import TopicNames
 
 from .samples import sample_deferral
 

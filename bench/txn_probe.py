@@ -41,8 +41,8 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from ensync_kafka._txn import TRANSACTIONAL_PRODUCER_SETTINGS
 from ensync_kafka.models import now_ms
-from ensync_kafka.worker import TRANSACTIONAL_PRODUCER_SETTINGS
 
 from .floor import due_runs
 from .receiver import percentiles

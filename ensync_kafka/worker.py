@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,21 +26,13 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 
 from . import audit, control
-from ._kafka import (
-    TXN_CALL_ATTEMPTS,
-    BoundedCall,
-    BrokerWatch,
-    CallAbandoned,
-    retire,
-    retrying,
-    where,
-)
+from ._kafka import BoundedCall, BrokerWatch, retire, where
 from ._sticky import StickyPartitions
+from ._txn import TXN_TIMEOUT_S, TransactionalProducers
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .exceptions import BrokerError, SerializationError
@@ -53,38 +44,9 @@ from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.worker")
 
-TXN_TIMEOUT_S = 30.0
 MARKER_EXPIRY_INTERVAL_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
-TRANSACTIONAL_PRODUCERS = 2
-"""Transactions alternate between this many producers. The coordinator finishes a commit (the
-markers on every partition it touched) after commit_transaction returns; the same producer's
-next AddPartitionsToTxn meanwhile gets CONCURRENT_TRANSACTIONS, which librdkafka retries after
-a fixed 20 ms. Measured: 8-10 of 400 back-to-back 40-partition transactions hit it with one
-producer, none with two. Both send the consumer group's offsets, so both are fenced alike."""
-PRODUCER_RENEWALS_MAX = 5
-PRODUCER_RENEWAL_WINDOW_S = 600.0
-"""A transactional producer that is fenced, failed, wedged or left a transaction of unknown outcome
-is replaced (TierWorker._start_over) at most this often in this window. A broker that stalls past
-the transaction timeout aborts what was open and bumps the producer's epoch, fencing a producer
-caught mid-abort; a single broker that comes back from a stall can leave librdkafka's coordinator
-handle wedged. A new producer is all either needs. More often than this, something else is wrong
-(two processes with one worker.id fencing each other, a broker that stays away): the worker
-stops, to be restarted."""
-TRANSACTIONAL_PRODUCER_SETTINGS: dict[str, Any] = {
-    "linger.ms": 1,
-    "queue.buffering.max.messages": 500_000,
-    # Back-to-back transactions meet CONCURRENT_TRANSACTIONS while the previous commit's markers
-    # are written; the default 100 ms backoff caps a worker at ~10 transactions/s
-    # (confluent-kafka-python #967, KAFKA-5477).
-    "retry.backoff.ms": 2,
-    "retry.backoff.max.ms": 20,
-    # Several small requests per transaction go out back to back: without TCP_NODELAY one can
-    # wait for the broker's delayed ACK.
-    "socket.nagle.disable": True,
-}
-"""A tier worker's transactional producers' settings beside the client's and its id (the
-benchmark's floor and txn_probe use them too, so they measure the worker's kind of producer)."""
+SHUTDOWN_FLUSH_S = 5.0
 PREP_ESTIMATE_START_MS = 10.0
 PREP_ESTIMATE_WEIGHT = 0.2
 """Weight of the newest sample in the moving average of a transaction's preparation time."""
@@ -158,12 +120,6 @@ class _TokenBucket:
         self.tokens -= n
 
 
-def transactional_id(prefix: str, tier: str, worker_id: str, n: int) -> str:
-    """Stable across restarts, so a restarted worker fences its previous incarnation."""
-    base = f"{prefix}.{tier}.{worker_id}"
-    return base if n == 0 else f"{base}.{n}"
-
-
 class TierWorker:
     """Holds and releases the deferrals of one tier. Runs in the calling thread."""
 
@@ -208,13 +164,8 @@ class TierWorker:
         self.lock = threading.RLock()
         self.restoring: set[int] = set()
         self.rebalanced = False
-        self._producer_watches: dict[int, BrokerWatch] = {}
         self._sticky = StickyPartitions({})  # the priority topics' partitions are learnt in run()
-        self.producers = tuple(self._new_producer(n) for n in range(TRANSACTIONAL_PRODUCERS))
-        self._renewals: list[float] = []
-        self.producer = self.producers[0]
-        """The producer of the next transaction; they take turns (TRANSACTIONAL_PRODUCERS)."""
-        self._turns = 0
+        self.txn = TransactionalProducers(config, tier.name)
         self.consumer, self.restorer = self._new_consumers()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -257,31 +208,12 @@ class TierWorker:
             on_lost=self._on_revoke,
         )
 
-    def _new_producer(self, n: int) -> Producer:
-        w = self.config.worker
-        client = self.config.kafka.client_settings()
-        watch = self._producer_watches[n] = BrokerWatch(f"tier {self.tier.name}: producer {n}")
-        return Producer(
-            {
-                **client,
-                "transactional.id": transactional_id(self.config.prefix, self.tier.name, w.id, n),
-                "transaction.timeout.ms": int(w.transaction_timeout * 1000),
-                **TRANSACTIONAL_PRODUCER_SETTINGS,
-                **watch.settings(client),
-            }
-        )
-
     def run(self) -> None:
-        try:
-            for producer in self.producers:
-                producer.init_transactions(TXN_TIMEOUT_S)
-        except KafkaException as exc:
-            raise BrokerError(f"tier {self.tier.name}: init_transactions: {exc}") from exc
+        self.txn.init()
         # Connect the restore consumer, and learn every output topic's partitions, now rather
         # than in the first assignment's or the first release's critical path.
         self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
-        for producer in self.producers:
-            topics = producer.list_topics(timeout=TXN_TIMEOUT_S).topics
+        topics = self.txn.list_topics(TXN_TIMEOUT_S)
         self._sticky = StickyPartitions(
             {
                 topic: len(topics[topic].partitions)
@@ -306,11 +238,7 @@ class TierWorker:
                 for store in self.stores.values():
                     store.close()
                 self.stores.clear()
-            for producer in self.producers:
-                try:
-                    producer.flush(5)
-                except KafkaException as exc:  # fenced or failed: not the error to report
-                    log.warning("tier %s: producer flush at stop: %s", self.tier.name, exc)
+            self.txn.flush_all(SHUTDOWN_FLUSH_S)
             log.info("tier %s: worker stopped (%s)", self.tier.name, self.stats)
 
     # -- one turn -----------------------------------------------------------------------------
@@ -543,7 +471,8 @@ class TierWorker:
     # -- the transaction ----------------------------------------------------------------------
 
     def _commit(self, turn: _Turn) -> None:
-        producer = self.producer
+        txn = self.txn
+        producer = txn.current
         last_offsets: dict[int, int] = {}
 
         def on_changelog(err: KafkaError | None, msg: Message) -> None:
@@ -553,28 +482,29 @@ class TierWorker:
 
         started = turn.started
         produce, state_topic = producer.produce, self.state_topic
-        watch = self._producer_watches[self.producers.index(producer)]
         begun = time.monotonic()
         try:
-            if watch.stranded:  # it would wait for good: replace it (_abort, _start_over)
-                raise KafkaException(KafkaError(KafkaError._TRANSPORT, f"{watch.name}: stranded"))
+            if txn.stranded:  # it would wait for good: replace it (_abort, _start_over)
+                raise KafkaException(
+                    KafkaError(KafkaError._TRANSPORT, f"tier {self.tier.name}: producer stranded")
+                )
             producer.begin_transaction()
             for topic, key, value, headers, partition in turn.records:
                 try:
                     produce(topic, value, key, partition, headers=headers)
                 except BufferError:
-                    self._produce(topic, key, value, partition=partition, headers=headers)
+                    txn.produce(topic, key, value, partition=partition, headers=headers)
             for p, changes in turn.changelog.items():
                 for key, value in changes[:-1]:
                     try:
                         produce(state_topic, value, key, p)
                     except BufferError:
-                        self._produce(state_topic, key, value, partition=p)
+                        txn.produce(state_topic, key, value, partition=p)
                 key, value = changes[-1]  # its delivery report says how far the changelog got
-                self._produce(state_topic, key, value, partition=p, on_delivery=on_changelog)
+                txn.produce(state_topic, key, value, partition=p, on_delivery=on_changelog)
             produced = time.monotonic()
-            # The offsets go out beside the acknowledgements (_send_offsets).
-            sending = self._send_offsets(producer, watch, {**self.positions, **turn.next_offset})
+            # The offsets go out beside the acknowledgements (TransactionalProducers.send_offsets).
+            sending = self._send_offsets({**self.positions, **turn.next_offset})
             try:
                 producer.flush(TXN_TIMEOUT_S)  # serves the changelog delivery reports
                 acked = time.monotonic()
@@ -589,17 +519,15 @@ class TierWorker:
             while now_ms() < turn.commit_not_before_ms:
                 time.sleep(0.0005)
             held = time.monotonic()
-            retrying(
-                lambda: producer.commit_transaction(TXN_TIMEOUT_S), give_up=lambda: watch.stranded
-            )
+            txn.commit()
             committed = time.monotonic()
             committed_at = now_ms()
         except KafkaException as exc:
             self.hooks.on_transaction(self.tier.name, time.monotonic() - begun, False)
             self._abort(turn, exc)
-            self._next_producer()
+            txn.advance()
             return
-        self._next_producer()
+        txn.advance()
         self.hooks.on_transaction(self.tier.name, committed - begun, True)
         self.positions.update(turn.next_offset)
         for p, changes in turn.changelog.items():
@@ -632,40 +560,11 @@ class TierWorker:
         if turn.admitted or turn.released:
             self.hooks.on_batch(self.tier.name, turn.admitted, turn.released, committed_at)
 
-    def _send_offsets(
-        self, producer: Producer, watch: BrokerWatch, offsets: dict[int, int]
-    ) -> BoundedCall | None:
-        """send_offsets_to_transaction in a thread of its own, started now, so that its round
-        trips overlap the acknowledgements instead of following them, and bounded: it can block
-        past its timeout while the group coordinator is unreachable or forgotten (librdkafka
-        #5456, #5511), which would stop the tier for good; abandoned, _abort starts over with a
-        new producer. (commit_transaction is called directly: no overrun of it is known, and a
-        thread handoff after the hold measured 0.8 ms per turn.)"""
+    def _send_offsets(self, offsets: dict[int, int]) -> BoundedCall | None:
         if not offsets:
             return None
         tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
-        metadata = self.consumer.consumer_group_metadata()
-        return self._bounded(
-            producer,
-            "send-offsets",
-            lambda: retrying(
-                lambda: producer.send_offsets_to_transaction(tps, metadata, TXN_TIMEOUT_S),
-                give_up=lambda: watch.stranded,
-            ),
-            TXN_CALL_ATTEMPTS * TXN_TIMEOUT_S,
-        )
-
-    def _bounded(
-        self, producer: Producer, what: str, call: Callable[[], None], timeout: float
-    ) -> BoundedCall:
-        """``call`` on ``producer`` as a BoundedCall. Abandoned, the producer is closed once the
-        call returns, not by _start_over (which replaces it)."""
-        name = f"{self.tier.name}-{what}"
-        return BoundedCall(call, timeout, name, abandon=lambda: retire(producer, name))
-
-    def _next_producer(self) -> None:
-        self._turns += 1
-        self.producer = self.producers[self._turns % len(self.producers)]
+        return self.txn.send_offsets(tps, self.consumer.consumer_group_metadata())
 
     @property
     def _lookahead_ms(self) -> int:
@@ -676,30 +575,6 @@ class TierWorker:
     def _observe_prep(self, ms: float) -> None:
         self._prep_ms += PREP_ESTIMATE_WEIGHT * (ms - self._prep_ms)
 
-    def _produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        *,
-        partition: int = -1,
-        headers: Any = None,
-        on_delivery: Any = None,
-    ) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    partition=partition,
-                    headers=headers,
-                    on_delivery=on_delivery,
-                )
-                return
-            except BufferError:
-                self.producer.poll(0.01)
-
     def _abort(self, turn: _Turn, exc: KafkaException) -> None:
         err: KafkaError = exc.args[0]
         self.stats.aborts += 1
@@ -709,11 +584,8 @@ class TierWorker:
             self._start_over(exc)
             return
         log.warning("tier %s: aborting transaction: %s", self.tier.name, err.str())
-        producer = self.producer
         try:
-            self._bounded(
-                producer, "abort", lambda: producer.abort_transaction(TXN_TIMEOUT_S), TXN_TIMEOUT_S
-            ).result()
+            self.txn.abort()
         except KafkaException as abort_exc:  # fenced while aborting, wedged, or abandoned
             self._start_over(abort_exc)
             return
@@ -730,31 +602,7 @@ class TierWorker:
         from Kafka, since only the broker knows how that transaction ended (and the consumer may
         be stranded with the producer: BrokerWatch). At most PRODUCER_RENEWALS_MAX times in the
         window."""
-        err: KafkaError = exc.args[0]
-        now = time.monotonic()
-        self._renewals = [t for t in self._renewals if now - t < PRODUCER_RENEWAL_WINDOW_S]
-        if len(self._renewals) >= PRODUCER_RENEWALS_MAX:
-            raise BrokerError(
-                f"tier {self.tier.name}: transaction failed ({err.str()}) after "
-                f"{len(self._renewals)} producer replacements in "
-                f"{PRODUCER_RENEWAL_WINDOW_S:.0f} s",
-                code=err.code(),
-            ) from exc
-        self._renewals.append(now)
-        n = self.producers.index(self.producer)
-        log.warning("tier %s: producer %d: %s; replacing it", self.tier.name, n, err.str())
-        old = self.producer
-        fresh = self._new_producer(n)
-        try:
-            fresh.init_transactions(TXN_TIMEOUT_S)
-        except KafkaException as init_exc:
-            raise BrokerError(f"tier {self.tier.name}: replacing producer {n}: {init_exc}") from (
-                init_exc
-            )
-        self.producers = (*self.producers[:n], fresh, *self.producers[n + 1 :])
-        self.producer = fresh
-        if not isinstance(exc, CallAbandoned):  # else closed once the call returns (_bounded)
-            retire(old, f"{self.tier.name}-producer-{n}")
+        self.txn.replace(exc)
         self._replace_consumers()
 
     def _replace_consumers(self) -> None:

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from ensync_kafka import BrokerError, DeferClient, DeferRequest, _kafka, ensure_topics
-from ensync_kafka import worker as worker_module
-from ensync_kafka.models import to_ms
-from ensync_kafka.topics import TopicNames
-from ensync_kafka.worker import (
+from ensync_kafka import BrokerError, DeferClient, DeferRequest, _kafka, _txn, ensure_topics
+from ensync_kafka._txn import (
     PRODUCER_RENEWALS_MAX,
     TRANSACTIONAL_PRODUCERS,
-    TierWorker,
+    TransactionalProducers,
     transactional_id,
 )
+from ensync_kafka.models import to_ms
+from ensync_kafka.topics import TopicNames
+from ensync_kafka.worker import TierWorker
 from tests.helpers import (
     TopicReader,
     WorkerThread,
@@ -291,7 +291,7 @@ def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
     def settled(tier: TierWorker) -> None:
         # At least both; a replacement that races an intruder's own start is fenced once more.
         wait_until(
-            lambda: len(tier._renewals) >= TRANSACTIONAL_PRODUCERS,
+            lambda: len(tier.txn.renewals) >= TRANSACTIONAL_PRODUCERS,
             timeout=WAIT_S,
             what="both fenced producers replaced",
         )
@@ -341,7 +341,7 @@ def test_a_producer_fenced_again_and_again_stops_the_worker(
                 _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "g", n))
             client.defer("g", round_, delay=0.1)
             wait_until(
-                lambda r=round_: worker.error is not None or len(tier._renewals) > r,
+                lambda r=round_: worker.error is not None or len(tier.txn.renewals) > r,
                 timeout=WAIT_S,
                 what=f"fencing round {round_} to be noticed",
             )
@@ -349,7 +349,7 @@ def test_a_producer_fenced_again_and_again_stops_the_worker(
                 break
     with pytest.raises(BrokerError, match="fenced"):
         worker.stop()
-    assert len(tier._renewals) == PRODUCER_RENEWALS_MAX
+    assert len(tier.txn.renewals) == PRODUCER_RENEWALS_MAX
 
 
 class _Hang:
@@ -394,13 +394,13 @@ def test_send_offsets_that_never_returns_is_abandoned_and_nothing_is_lost_or_rep
     """send_offsets_to_transaction stays inside librdkafka past its timeout: the tier leaves it
     in its thread, starts over with a new producer (which settles the open transaction),
     delivers everything once, and closes the stuck producer only once its call returns."""
-    monkeypatch.setattr(worker_module, "TXN_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(_txn, "TXN_TIMEOUT_S", 4.0)
     monkeypatch.setattr(_kafka, "OVERRUN_GRACE_S", 1.0)
-    monkeypatch.setattr(worker_module, "TXN_CALL_ATTEMPTS", 1)
+    monkeypatch.setattr(_txn, "TXN_CALL_ATTEMPTS", 1)
     hang = _Hang("send_offsets_to_transaction")
-    new_producer = TierWorker._new_producer
+    new_producer = TransactionalProducers._new
     monkeypatch.setattr(
-        TierWorker, "_new_producer", lambda tier, n: hang.wrap(new_producer(tier, n))
+        TransactionalProducers, "_new", lambda txn, n: hang.wrap(new_producer(txn, n))
     )
 
     def disturb(tier: TierWorker) -> None:
@@ -408,7 +408,7 @@ def test_send_offsets_that_never_returns_is_abandoned_and_nothing_is_lost_or_rep
 
     def settled(tier: TierWorker) -> None:
         assert hang.entered.is_set(), "no offsets were sent after the first deliveries"
-        assert len(tier._renewals) == 1, "the stuck producer was replaced once"
+        assert len(tier.txn.renewals) == 1, "the stuck producer was replaced once"
         stuck = [t for t in threading.enumerate() if t.name == "bounded-1s-send-offsets"]
         assert stuck, "the stuck call's thread is gone: it was not left running"
         hang.released.set()
