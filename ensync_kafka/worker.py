@@ -47,6 +47,7 @@ log = logging.getLogger("ensync_kafka.worker")
 MARKER_EXPIRY_INTERVAL_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
 SHUTDOWN_FLUSH_S = 5.0
+"""How long a stopping tier waits for each producer's queued records (none after a commit)."""
 PREP_ESTIMATE_START_MS = 10.0
 PREP_ESTIMATE_WEIGHT = 0.2
 """Weight of the newest sample in the moving average of a transaction's preparation time."""
