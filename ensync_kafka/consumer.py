@@ -41,9 +41,10 @@ from ._kafka import BrokerWatch, CallAbandoned, bounded, retire
 from ._signals import stop_on_signals
 from .client import DeferClient
 from .codec import DELIVERED
-from .config import PRIORITY_MAX, PRIORITY_MIN, Config, ConsumerConfig
+from .config import PRIORITY_MAX, PRIORITY_MIN, Config
 from .exceptions import BrokerError, ConfigError, SerializationError
 from .models import DeliveredEvent
+from .ordering import PrioritySelector
 from .outcomes import FLUSH_TIMEOUT_S, AlertHook, OutcomeWriter, log_step
 from .retry import Drop, Postpone, Retry
 from .topics import TopicNames
@@ -105,54 +106,6 @@ def load_callable(spec: str) -> Callable[..., Any]:
     if not callable(target):
         raise ConfigError(f"{spec!r}: not callable")
     return target  # type: ignore[no-any-return]
-
-
-class PrioritySelector:
-    """Chooses the priority to serve next (no Kafka involved; see the module docstring)."""
-
-    def __init__(self, config: ConsumerConfig) -> None:
-        self.ordering = config.ordering
-        self.shares = dict(config.shares)
-        self.strict_wait = config.strict_wait
-        self._credit = dict.fromkeys(range(PRIORITY_MIN, PRIORITY_MAX + 1), 0.0)
-        self._blocked_since: float | None = None
-
-    def pick(
-        self, backlog: Mapping[int, int], drained: Callable[[int], bool], now: float
-    ) -> int | None:
-        """The priority to take one event from, or None to wait for more fetches.
-
-        ``backlog``: buffered events per priority. ``drained(p)``: every partition of priority
-        ``p`` has reported its end (strict ordering waits for that before serving below ``p``).
-        """
-        available = [p for p in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1) if backlog.get(p)]
-        if not available:
-            self._blocked_since = None
-            return None
-        if self.ordering == "weighted":
-            return self._weighted(available)
-        top = available[0]
-        if all(drained(p) for p in range(PRIORITY_MAX, top, -1)):
-            self._blocked_since = None
-            return top
-        if self._blocked_since is None:
-            self._blocked_since = now
-        if now - self._blocked_since >= self.strict_wait:
-            return top  # a higher partition has not reported its end in time: do not stall
-        return None
-
-    def _weighted(self, available: list[int]) -> int:
-        for p in self._credit:
-            if p in available:
-                self._credit[p] += self.shares.get(p, 0.0)
-            else:
-                self._credit[p] = 0.0  # no banking while idle
-        owed = [p for p in available if self._credit[p] >= 1.0 - 1e-9]  # float sums
-        if owed:
-            chosen = max(owed, key=lambda p: (self._credit[p], p))
-            self._credit[chosen] -= 1.0
-            return chosen
-        return available[0]
 
 
 class PriorityConsumer:
@@ -639,4 +592,4 @@ def _describe(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
-__all__ = ["AlertHook", "ConsumerStats", "Handler", "PriorityConsumer", "PrioritySelector"]
+__all__ = ["AlertHook", "ConsumerStats", "Handler", "PriorityConsumer"]

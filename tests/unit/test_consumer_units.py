@@ -23,9 +23,10 @@ from ensync_kafka import (
 from ensync_kafka.cli.consumer import _request, _send
 from ensync_kafka.client import MAX_DEFER_ID_CHARS
 from ensync_kafka.config import Config, ConsumerConfig, RetryPolicyConfig, config_from_mapping
-from ensync_kafka.consumer import PrioritySelector, load_callable
+from ensync_kafka.consumer import load_callable
 from ensync_kafka.dead import DeadLetter, dead_record, redrive_request
 from ensync_kafka.models import Attempt, DeliveredEvent
+from ensync_kafka.ordering import PrioritySelector
 from ensync_kafka.retry import (
     CHAIN_HEADER,
     backoff_delay,
