@@ -46,7 +46,7 @@ from ensync_kafka.models import now_ms
 
 from .floor import due_runs
 from .receiver import percentiles
-from .run import _bootstrap
+from .run import resolve_bootstrap
 
 VALUE = b"x" * 200
 RECORDS_PER_PARTITION = 3
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.partitions.split(",")]
     lane_counts = [int(s) for s in args.lanes.split(",")]
-    probe = Probe(_bootstrap(args.bootstrap), max(*sizes, 36))
+    probe = Probe(resolve_bootstrap(args.bootstrap), max(*sizes, 36))
     fmt: Callable[[Any], str] = "{:.1f}".format
     try:
         print(_row("partitions", "idempotent produce, flush p50", "txn: flush / offsets / commit "
