@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from ensync_kafka import DeferRequest
 from ensync_kafka.config import Config, config_from_mapping
