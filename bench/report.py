@@ -51,6 +51,16 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def _once_row(section: str, d: dict[str, Any], n: int) -> tuple[str, str, str, str]:
+    """The row that says whether a section delivered each of its ``n`` deferrals exactly once."""
+    return (
+        f"({section}) delivered once: unique / duplicates / missing",
+        f"{d['unique']:,} / {d['duplicates']} / {d['missing']}",
+        f"{n:,} / 0 / 0",
+        _verdict(d["unique"] == n and not d["duplicates"] and not d["missing"]),
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     mode = results["mode"]
@@ -119,12 +129,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "—",
                 "",
             ),
-            (
-                "(b) delivered once: unique / duplicates / missing",
-                f"{d['unique']:,} / {d['duplicates']} / {d['missing']}",
-                f"{b['n']:,} / 0 / 0",
-                _verdict(d["unique"] == b["n"] and not d["duplicates"] and not d["missing"]),
-            ),
+            _once_row("b", d, b["n"]),
         ]
     c = s.get("c")
     if c:
@@ -174,12 +179,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "0",
                 _verdict(d["early_release"] == 0 and d["early_receive"] == 0),
             ),
-            (
-                "(c) delivered once: unique / duplicates / missing",
-                f"{d['unique']:,} / {d['duplicates']} / {d['missing']}",
-                f"{c['n']:,} / 0 / 0",
-                _verdict(d["unique"] == c["n"] and not d["duplicates"] and not d["missing"]),
-            ),
+            _once_row("c", d, c["n"]),
         ]
     dd = s.get("d")
     if dd:
