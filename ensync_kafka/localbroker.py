@@ -1,7 +1,6 @@
 """A real single-node Apache Kafka broker for development and tests, without Docker.
 
-Kafka is not packaged for Debian or PyPI, but its jars are on Maven Central. The first start
-resolves ``ops/kafka/pom.xml`` with Maven into a cache outside the repository (later starts are
+A start fetches Kafka's jars from Maven Central on first use (``_kafkadist``; later starts are
 offline), formats a fresh KRaft log directory and runs ``kafka.Kafka`` in combined
 broker+controller mode on free loopback ports.
 
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
@@ -32,9 +30,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from string import Template
 from typing import Any
 
+from ._kafkadist import (
+    KAFKA_VERSION,
+    LOCK_FILE,
+    _classpath,
+    _env,
+    _log4j,
+    _require,
+    _user_home,
+    cache_dir,
+    ensure_jars,
+    render_server_properties,
+)
 from ._processes import (
     _POLL_S,
     KILL_WAIT_S,
@@ -67,8 +76,6 @@ __all__ = [
     "running_bootstrap",
 ]
 
-KAFKA_VERSION = "4.1.1"
-DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
 DEFAULT_HEAP = "1g"
 BROKER_JVM_OPTIONS = (
     "-server",
@@ -85,45 +92,22 @@ generation with it: the broker then paused ~11 ms for a young collection 2-3 tim
 under the benchmark's load."""
 DEFAULT_START_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
-FETCH_TIMEOUT_S = 900.0
 FORMAT_TIMEOUT_S = 120.0
 STARTED_MARKER = "Kafka Server started"
 HOST = "127.0.0.1"
 
-ENV_CACHE = "ENSYNC_KAFKA_CACHE"
 ENV_HOME = "ENSYNC_HOME"
 STATE_FILE = "broker.json"
 LOG_FILE = "broker.log"
 OWNER_FILE = "owner.json"
 
-_LIBS = "libs"
-_LIBS_STAMP = ".ensync-complete"
-_LOCK = ".lock"
 _PORT_ATTEMPTS = 3
 _LOG_TAIL_LINES = 25
 _UNOWNED_GRACE_S = 60.0
 _JAVA_HINT = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
-_MVN_HINT = "install Apache Maven (e.g. `apt-get install maven`), needed once to fetch Kafka jars"
 
 
 # --- locations -----------------------------------------------------------------------------
-
-
-def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
-    return os.environ if environ is None else environ
-
-
-def _user_home(env: Mapping[str, str]) -> Path:
-    return Path(env["HOME"]) if env.get("HOME") else Path.home()
-
-
-def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$ENSYNC_KAFKA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/ensync-kafka/kafka-4.1.1``."""
-    env = _env(environ)
-    if env.get(ENV_CACHE):
-        return Path(env[ENV_CACHE]).expanduser()
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else _user_home(env) / ".cache"
-    return base / "ensync-kafka" / f"kafka-{KAFKA_VERSION}"
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -138,26 +122,11 @@ def default_home(environ: Mapping[str, str] | None = None) -> Path:
     return base / "ensync-kafka" / "broker"
 
 
-def _ops_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "ops" / "kafka", here.parent / "ops" / "kafka"):
-        if (candidate / "pom.xml").is_file():
-            return candidate
-    raise LocalBrokerError(f"ops/kafka (the broker POM and config) not found near {here}")
-
-
 def _test_registry() -> Path:
     return Path(tempfile.gettempdir()) / f"ensync-kafka-tests-{os.getuid()}"
 
 
 # --- small helpers -----------------------------------------------------------------------------
-
-
-def _require(program: str, hint: str) -> str:
-    found = shutil.which(program)
-    if not found:
-        raise LocalBrokerError(f"`{program}` not found on PATH: {hint}")
-    return found
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -166,74 +135,6 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-# --- jars and config -----------------------------------------------------------------------
-
-
-def ensure_jars(cache: Path | None = None) -> Path:
-    """The directory of broker jars, fetched with Maven on first use; later calls are offline.
-
-    The fetch writes into a temporary directory renamed into place once complete, so an
-    interrupted fetch never leaves a half cache. A changed POM triggers a new fetch.
-    """
-    cache = (cache_dir() if cache is None else cache).expanduser().absolute()
-    pom = _ops_dir() / "pom.xml"
-    key = hashlib.sha256(pom.read_bytes()).hexdigest()
-    libs = cache / _LIBS
-
-    def complete() -> bool:
-        with contextlib.suppress(OSError):
-            return (libs / _LIBS_STAMP).read_text().strip() == key
-        return False
-
-    if complete():
-        return libs
-    with _locked(cache / _LOCK):
-        if complete():
-            return libs
-        mvn = _require("mvn", _MVN_HINT)
-        for leftover in cache.glob(".libs-*"):  # from fetches that were killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=cache))
-        try:
-            command = [
-                mvn, "-q", "-B", "-f", str(pom), f"{DEPENDENCY_PLUGIN}:copy-dependencies",
-                "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
-            ]  # fmt: skip
-            try:
-                result = subprocess.run(
-                    command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise LocalBrokerError(
-                    f"fetching the Kafka {KAFKA_VERSION} jars took over {FETCH_TIMEOUT_S:.0f} s"
-                ) from exc
-            if result.returncode != 0:
-                output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
-                raise LocalBrokerError(
-                    f"fetching the Kafka {KAFKA_VERSION} jars with Maven failed "
-                    f"(exit {result.returncode}):\n{output}"
-                )
-            if not any(tmp.glob("kafka_2.13-*.jar")):
-                raise LocalBrokerError(f"Maven finished but fetched no Kafka jar into {tmp}")
-            (tmp / _LIBS_STAMP).write_text(key)
-            if libs.exists():
-                old = cache / f".libs-old-{uuid.uuid4().hex[:8]}"
-                libs.rename(old)
-                shutil.rmtree(old, ignore_errors=True)
-            tmp.rename(libs)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return libs
-
-
-def render_server_properties(*, broker_port: int, controller_port: int, log_dir: Path) -> str:
-    """``ops/kafka/server.properties.template`` filled in for one broker."""
-    template = Template((_ops_dir() / "server.properties.template").read_text())
-    return template.substitute(
-        host=HOST, broker_port=broker_port, controller_port=controller_port, log_dir=log_dir
-    )
 
 
 def new_cluster_id() -> str:
@@ -334,7 +235,7 @@ class LocalBroker:
         """Start a broker, or report the running one: ``(info, started_now)``."""
         java = _require("java", _JAVA_HINT)
         self.home.mkdir(parents=True, exist_ok=True)
-        with _locked(self.home / _LOCK):
+        with _locked(self.home / LOCK_FILE):
             existing = self._read()
             if existing is not None:
                 if self._owns(existing):
@@ -361,7 +262,7 @@ class LocalBroker:
         """
         if not self.home.is_dir():
             return None
-        with _locked(self.home / _LOCK):
+        with _locked(self.home / LOCK_FILE):
             info = self._read()
             if info is None:
                 return None
@@ -379,7 +280,7 @@ class LocalBroker:
         a rolling upgrade; clients reconnect to the same address.
         """
         java = _require("java", _JAVA_HINT)
-        with _locked(self.home / _LOCK):
+        with _locked(self.home / LOCK_FILE):
             info = self._read()
             if info is None or not self._owns(info):
                 raise LocalBrokerError(f"no local broker is running in {self.home}")
@@ -439,6 +340,7 @@ class LocalBroker:
         try:
             properties.write_text(
                 render_server_properties(
+                    host=HOST,
                     broker_port=broker_port,
                     controller_port=controller_port,
                     log_dir=data_dir / "log",
@@ -536,14 +438,6 @@ class LocalBroker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(KILL_WAIT_S)
-
-
-def _classpath(libs: Path) -> str:
-    return f"{libs}{os.sep}*"
-
-
-def _log4j() -> str:
-    return f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
 
 
 def _confirm(bootstrap: str, timeout: float) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,16 @@ from confluent_kafka import (
 from . import audit, control
 from ._kafka import BoundedCall, BrokerWatch, retire, where
 from ._sticky import StickyPartitions
+from ._turn import Turn
 from ._txn import TXN_TIMEOUT_S, TransactionalProducers
 from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
+from .due import DueTimers
 from .exceptions import BrokerError, SerializationError
 from .hooks import TurnPhases, WorkerHooks
 from .models import now_ms
 from .restore import replay_changelog
-from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, Timer, timer_key
+from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.worker")
@@ -48,11 +50,6 @@ MARKER_EXPIRY_INTERVAL_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
 SHUTDOWN_FLUSH_S = 5.0
 """How long a stopping tier waits for each producer's queued records (none after a commit)."""
-PREP_ESTIMATE_START_MS = 10.0
-PREP_ESTIMATE_WEIGHT = 0.2
-"""Weight of the newest sample in the moving average of a transaction's preparation time."""
-MAX_BACKLOG_BURST_S = 0.1
-"""The catch-up token bucket holds at most this many seconds' worth of releases."""
 
 
 @dataclass
@@ -65,60 +62,6 @@ class TierStats:
     aborts: int = 0
     controls: int = 0
     restored: int = 0
-
-
-@dataclass
-class _Turn:
-    """What one transaction will write, and what to do with local state once it commits."""
-
-    started: float = 0.0
-    """time.monotonic() when the turn began staging: its preparation time runs from here."""
-    records: list[tuple[str, bytes | None, bytes | None, Any, int]] = field(default_factory=list)
-    """(topic, key, value, headers, partition); partition -1: the producer's partitioner."""
-    changelog: dict[int, list[tuple[bytes, bytes | None]]] = field(default_factory=dict)
-    first_offset: dict[int, int] = field(default_factory=dict)
-    next_offset: dict[int, int] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
-    released: list[dict[str, Any]] = field(default_factory=list)
-    admitted: list[dict[str, Any]] = field(default_factory=list)
-    controls: list[control.Effect] = field(default_factory=list)
-    commit_not_before_ms: int = 0
-    """The latest due time released in this turn: the commit waits for it."""
-    accepted: int = 0
-    duplicates: int = 0
-    invalid: int = 0
-
-    def consumed(self, msg: Message) -> None:
-        p, offset = where(msg)
-        self.first_offset.setdefault(p, offset)
-        self.next_offset[p] = offset + 1
-
-    def change(self, partition: int, key: bytes, value: bytes | None) -> None:
-        self.changelog.setdefault(partition, []).append((key, value))
-
-    def emit(self, topic: str, key: bytes | None, value: bytes | None, headers: Any = None) -> None:
-        self.records.append((topic, key, value, headers, -1))
-
-    @property
-    def empty(self) -> bool:
-        return not (self.records or self.changelog or self.next_offset)
-
-
-class _TokenBucket:
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = max(1.0, burst)
-        self.tokens = self.burst
-        self.stamp = time.monotonic()
-
-    def available(self) -> int:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return int(self.tokens)
-
-    def spend(self, n: int) -> None:
-        self.tokens -= n
 
 
 class TierWorker:
@@ -148,10 +91,7 @@ class TierWorker:
         self.state_root = Path(w.state_dir) / config.prefix / w.id / tier.name
         self.stores: dict[int, PartitionStore] = {}
         self.positions: dict[int, int] = {}
-        self._grace_ms = int(w.catchup_grace * 1000)
-        self._max_lookahead_ms = w.release_lookahead * 1000
-        self._prep_ms = PREP_ESTIMATE_START_MS
-        self._bucket = _TokenBucket(w.catchup_rate, w.catchup_rate * MAX_BACKLOG_BURST_S)
+        self.due = DueTimers(w)
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
         self._queues = frozenset(config.queues)
@@ -249,9 +189,10 @@ class TierWorker:
         if self._consumer_watch.stranded:
             log.warning("tier %s: replacing the stranded consumer", self.tier.name)
             self._replace_consumers()
-        msgs = self.consumer.consume(self.config.worker.intake_batch_size, self._wait_s())
+        wait_s = self.due.wait_s(self.stores, now_ms())
+        msgs = self.consumer.consume(self.config.worker.intake_batch_size, wait_s)
         now = now_ms()
-        turn = _Turn(started=time.monotonic())
+        turn = Turn(started=time.monotonic())
         # Release first: the turn's intake work then overlaps the wait for the latest due time
         # it pre-staged, and the lookahead (measured from here) accounts for it.
         self._release(now, turn)
@@ -270,16 +211,6 @@ class TierWorker:
             self._commit(turn)
         self._log_stats()
 
-    def _wait_s(self) -> float:
-        cap = self.config.worker.max_commit_interval
-        due = [d for d in (s.next_due_ms() for s in self.stores.values()) if d is not None]
-        if not due:
-            return cap
-        wait_ms = min(due) - self._lookahead_ms - now_ms()
-        if wait_ms < -self._grace_ms:  # backlog: pace by the catch-up bucket
-            return 0.0 if self._bucket.available() >= 1 else min(cap, 1 / self._bucket.rate)
-        return max(0.0, min(cap, wait_ms / 1000))
-
     # -- intake -------------------------------------------------------------------------------
 
     def _problem(self, rec: dict[str, Any]) -> str | None:
@@ -293,7 +224,7 @@ class TierWorker:
             return "negative due_at"
         return None
 
-    def _intake(self, msg: Message, turn: _Turn, now: int) -> None:
+    def _intake(self, msg: Message, turn: Turn, now: int) -> None:
         p, _ = where(msg)
         turn.consumed(msg)
         store = self.stores.get(p)
@@ -329,7 +260,7 @@ class TierWorker:
         turn.emit(self.names.audit, key[9:], audit_value)
 
     def _control(
-        self, op: bytes, msg: Message, store: PartitionStore, turn: _Turn, now: int
+        self, op: bytes, msg: Message, store: PartitionStore, turn: Turn, now: int
     ) -> None:
         """A cancel or reschedule request (control.py), applied in this turn's transaction."""
         try:
@@ -346,7 +277,7 @@ class TierWorker:
         turn.emit(self.names.audit, msg.key(), effect.audit)
         turn.controls.append(effect)
 
-    def _quarantine(self, msg: Message, reason: str, turn: _Turn, now: int) -> None:
+    def _quarantine(self, msg: Message, reason: str, turn: Turn, now: int) -> None:
         turn.invalid += 1
         key = msg.key()
         invalid = INVALID.encode(
@@ -382,8 +313,8 @@ class TierWorker:
 
     # -- release ------------------------------------------------------------------------------
 
-    def _release(self, now: int, turn: _Turn) -> None:
-        due = self._due_timers(now)
+    def _release(self, now: int, turn: Turn) -> None:
+        due = self.due.take(self.stores, now)
         if not due:
             return
         # Every release of the turn becomes visible when the turn commits, which is not before
@@ -433,34 +364,7 @@ class TierWorker:
             changes.append((MARKER_PREFIX + id_bytes, marker_value(id_bytes, marker_delivered)))
             released.append(rec)
 
-    def _due_timers(self, now: int) -> list[tuple[int, Timer]]:
-        """On-time timers (and those due within the lookahead) in due order, then the overdue
-        backlog highest priority first, oldest first, paced by the catch-up bucket."""
-        budget = self.config.worker.fire_batch_size
-        on_time_from = now - self._grace_ms
-        due: list[tuple[int, Timer]] = []
-        for p, store in self.stores.items():
-            if budget <= len(due):
-                return due
-            timers = store.due(on_time_from, now + self._lookahead_ms + 1, budget - len(due))
-            due.extend((p, t) for t in timers)
-        backlog = min(budget - len(due), self._bucket.available())
-        released = 0
-        for priority in range(PRIORITY_MAX, PRIORITY_MIN - 1, -1):
-            if released >= backlog:
-                break
-            candidates = sorted(
-                (timer.key, p, timer)
-                for p, store in self.stores.items()
-                for timer in store.overdue(priority, on_time_from, backlog - released)
-            )
-            for _, p, timer in candidates[: backlog - released]:
-                due.append((p, timer))
-                released += 1
-        self._bucket.spend(released)
-        return due
-
-    def _expire_markers(self, now: int, turn: _Turn) -> None:
+    def _expire_markers(self, now: int, turn: Turn) -> None:
         if time.monotonic() < self._next_expiry:
             return
         self._next_expiry = time.monotonic() + MARKER_EXPIRY_INTERVAL_S
@@ -471,7 +375,7 @@ class TierWorker:
 
     # -- the transaction ----------------------------------------------------------------------
 
-    def _commit(self, turn: _Turn) -> None:
+    def _commit(self, turn: Turn) -> None:
         txn = self.txn
         producer = txn.current
         last_offsets: dict[int, int] = {}
@@ -513,7 +417,7 @@ class TierWorker:
                 if sending is not None:  # nothing else touches the transaction before it ends
                     sending.result()
             offsets_sent = time.monotonic()
-            self._observe_prep((offsets_sent - started) * 1000)
+            self.due.observe_prep((offsets_sent - started) * 1000)
             wait_ms = turn.commit_not_before_ms - now_ms()
             if wait_ms > 0:  # never visible before due: see WorkerConfig.release_lookahead
                 time.sleep(wait_ms / 1000)
@@ -567,16 +471,7 @@ class TierWorker:
         tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
         return self.txn.send_offsets(tps, self.consumer.consumer_group_metadata())
 
-    @property
-    def _lookahead_ms(self) -> int:
-        """Pre-stage only as far ahead as a transaction takes to get ready to commit: further
-        would hold earlier releases back until the latest one is due."""
-        return int(min(self._max_lookahead_ms, self._prep_ms))
-
-    def _observe_prep(self, ms: float) -> None:
-        self._prep_ms += PREP_ESTIMATE_WEIGHT * (ms - self._prep_ms)
-
-    def _abort(self, turn: _Turn, exc: KafkaException) -> None:
+    def _abort(self, turn: Turn, exc: KafkaException) -> None:
         err: KafkaError = exc.args[0]
         self.stats.aborts += 1
         if err.fatal() or not err.txn_requires_abort():

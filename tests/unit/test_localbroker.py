@@ -118,7 +118,9 @@ def _record(home: Path, pid: int, data_dir: Path, port: int = 1) -> BrokerInfo:
 
 def test_server_properties_single_node_kraft(tmp_path: Path) -> None:
     props = _properties(
-        render_server_properties(broker_port=40001, controller_port=40002, log_dir=tmp_path / "log")
+        render_server_properties(
+            host="127.0.0.1", broker_port=40001, controller_port=40002, log_dir=tmp_path / "log"
+        )
     )
     assert props["process.roles"] == "broker,controller"
     assert props["node.id"] == "1"

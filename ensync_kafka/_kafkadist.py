@@ -1,0 +1,140 @@
+"""Kafka's own jars and config for the local broker: the jars fetched once from Maven Central.
+
+Kafka is not packaged for Debian or PyPI, but its jars are on Maven Central: ``ops/kafka/pom.xml``
+names them, Maven copies them into a cache outside the repository on first use, and every later
+start is offline. The broker's ``server.properties`` template and logging config sit beside the POM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from string import Template
+
+from ._processes import _locked
+from .exceptions import LocalBrokerError
+
+KAFKA_VERSION = "4.1.1"
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
+FETCH_TIMEOUT_S = 900.0
+ENV_CACHE = "ENSYNC_KAFKA_CACHE"
+LOCK_FILE = ".lock"
+
+_LIBS = "libs"
+_LIBS_STAMP = ".ensync-complete"
+_LOG_TAIL_LINES = 25
+_MVN_HINT = "install Apache Maven (e.g. `apt-get install maven`), needed once to fetch Kafka jars"
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def _user_home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$ENSYNC_KAFKA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/ensync-kafka/kafka-4.1.1``."""
+    env = _env(environ)
+    if env.get(ENV_CACHE):
+        return Path(env[ENV_CACHE]).expanduser()
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else _user_home(env) / ".cache"
+    return base / "ensync-kafka" / f"kafka-{KAFKA_VERSION}"
+
+
+def _ops_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "ops" / "kafka", here.parent / "ops" / "kafka"):
+        if (candidate / "pom.xml").is_file():
+            return candidate
+    raise LocalBrokerError(f"ops/kafka (the broker POM and config) not found near {here}")
+
+
+def _require(program: str, hint: str) -> str:
+    found = shutil.which(program)
+    if not found:
+        raise LocalBrokerError(f"`{program}` not found on PATH: {hint}")
+    return found
+
+
+def ensure_jars(cache: Path | None = None) -> Path:
+    """The directory of broker jars, fetched with Maven on first use; later calls are offline.
+
+    The fetch writes into a temporary directory renamed into place once complete, so an
+    interrupted fetch never leaves a half cache. A changed POM triggers a new fetch.
+    """
+    cache = (cache_dir() if cache is None else cache).expanduser().absolute()
+    pom = _ops_dir() / "pom.xml"
+    key = hashlib.sha256(pom.read_bytes()).hexdigest()
+    libs = cache / _LIBS
+
+    def complete() -> bool:
+        with contextlib.suppress(OSError):
+            return (libs / _LIBS_STAMP).read_text().strip() == key
+        return False
+
+    if complete():
+        return libs
+    with _locked(cache / LOCK_FILE):
+        if complete():
+            return libs
+        mvn = _require("mvn", _MVN_HINT)
+        for leftover in cache.glob(".libs-*"):  # from fetches that were killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".libs-", dir=cache))
+        try:
+            command = [
+                mvn, "-q", "-B", "-f", str(pom), f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+                "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+            ]  # fmt: skip
+            try:
+                result = subprocess.run(
+                    command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise LocalBrokerError(
+                    f"fetching the Kafka {KAFKA_VERSION} jars took over {FETCH_TIMEOUT_S:.0f} s"
+                ) from exc
+            if result.returncode != 0:
+                output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
+                raise LocalBrokerError(
+                    f"fetching the Kafka {KAFKA_VERSION} jars with Maven failed "
+                    f"(exit {result.returncode}):\n{output}"
+                )
+            if not any(tmp.glob("kafka_2.13-*.jar")):
+                raise LocalBrokerError(f"Maven finished but fetched no Kafka jar into {tmp}")
+            (tmp / _LIBS_STAMP).write_text(key)
+            if libs.exists():
+                old = cache / f".libs-old-{uuid.uuid4().hex[:8]}"
+                libs.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(libs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return libs
+
+
+def render_server_properties(
+    *, host: str, broker_port: int, controller_port: int, log_dir: Path
+) -> str:
+    """``ops/kafka/server.properties.template`` filled in for one broker."""
+    template = Template((_ops_dir() / "server.properties.template").read_text())
+    return template.substitute(
+        host=host, broker_port=broker_port, controller_port=controller_port, log_dir=log_dir
+    )
+
+
+def _classpath(libs: Path) -> str:
+    return f"{libs}{os.sep}*"
+
+
+def _log4j() -> str:
+    return f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
