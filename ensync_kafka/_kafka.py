@@ -22,6 +22,8 @@ STRANDED_REPORTS = 2
 """Consecutive reports without a broker that make a watched client stranded."""
 OVERRUN_GRACE_S = 5.0
 """How long past its own timeout a bounded librdkafka call may take before it is abandoned."""
+GIVE_UP_CHECK_S = 0.1
+"""How often a bounded call's waiter serves its client and asks whether to give up."""
 
 
 class CallAbandoned(KafkaException):
@@ -64,12 +66,26 @@ class BoundedCall:
     even when librdkafka overruns its own timeout, as abort_transaction (librdkafka #3779) and
     send_offsets_to_transaction (#5456, #5511) can while a coordinator is unreachable: it
     raises CallAbandoned then, and ``abandon()`` (closing the client, say) runs once the call
-    has returned. Meanwhile the caller may do other work with the client."""
+    has returned. Meanwhile the caller may do other work with the client.
+
+    With ``give_up``, :meth:`result` abandons the call as soon as ``give_up()`` says waiting
+    cannot help (its client is stranded: BrokerWatch), calling ``serve()`` meanwhile: a
+    blocked transactional call serves none of the client's callbacks, so without it the
+    statistics that tell a stranded client never arrive, and the caller would wait out the
+    whole bound (95 s for send_offsets_to_transaction) with the tier standing still."""
 
     def __init__(
-        self, call: Callable[[], None], timeout: float, what: str, abandon: Callable[[], None]
+        self,
+        call: Callable[[], None],
+        timeout: float,
+        what: str,
+        abandon: Callable[[], None],
+        *,
+        give_up: Callable[[], bool] | None = None,
+        serve: Callable[[], object] | None = None,
     ) -> None:
         self._call, self._what, self._abandon = call, what, abandon
+        self._give_up, self._serve = give_up, serve
         self._limit_s = timeout + OVERRUN_GRACE_S
         self._deadline = time.monotonic() + self._limit_s
         self._done = threading.Event()
@@ -91,13 +107,28 @@ class BoundedCall:
                 self._abandon()
 
     def result(self) -> None:
-        """Wait for the call; raise what it raised, or CallAbandoned past the deadline."""
-        if not self._done.wait(max(0.0, self._deadline - time.monotonic())):
-            with self._lock:
-                self._abandoned = not self._done.is_set()
-            if self._abandoned:
-                what = f"{self._what}: no return in {self._limit_s:.0f} s"
-                raise CallAbandoned(KafkaError(KafkaError._TIMED_OUT, what))
+        """Wait for the call; raise what it raised, or CallAbandoned past the deadline (or once
+        ``give_up()``)."""
+        step = None if self._give_up is None else GIVE_UP_CHECK_S
+        while True:
+            remaining = max(0.0, self._deadline - time.monotonic())
+            if self._done.wait(remaining if step is None else min(step, remaining)):
+                break
+            if self._serve is not None:
+                self._serve()
+            gave_up = self._give_up is not None and self._give_up()
+            if gave_up or time.monotonic() >= self._deadline:
+                with self._lock:
+                    self._abandoned = not self._done.is_set()
+                if self._abandoned:
+                    elapsed = self._limit_s - (self._deadline - time.monotonic())
+                    why = (
+                        f"its client knows no broker; given up after {elapsed:.0f} s"
+                        if gave_up
+                        else f"no return in {self._limit_s:.0f} s"
+                    )
+                    raise CallAbandoned(KafkaError(KafkaError._TIMED_OUT, f"{self._what}: {why}"))
+                break
         if self._raised is not None:
             raise self._raised
 

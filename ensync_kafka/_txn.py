@@ -173,10 +173,19 @@ class TransactionalProducers:
         ).result()
 
     def _bounded(self, what: str, call: Callable[[], None], timeout: float) -> BoundedCall:
-        """``call`` on the current producer as a BoundedCall. Abandoned, the producer is closed
-        once the call returns, not by :meth:`replace` (which replaces it)."""
-        producer, name = self.current, f"{self._tier}-{what}"
-        return BoundedCall(call, timeout, name, abandon=lambda: retire(producer, name))
+        """``call`` on the current producer as a BoundedCall, given up as soon as the producer
+        is stranded (its watch, bound to this producer: a replacement's fresh watch must not
+        answer for it). Abandoned, the producer is closed once the call returns, not by
+        :meth:`replace` (which replaces it)."""
+        producer, watch, name = self.current, self._watches[self._n], f"{self._tier}-{what}"
+        return BoundedCall(
+            call,
+            timeout,
+            name,
+            abandon=lambda: retire(producer, name),
+            give_up=lambda: watch.stranded,
+            serve=lambda: producer.poll(0),
+        )
 
     def replace(self, exc: KafkaException) -> None:
         """Do what a restart would: a new producer with the current one's transactional id,

@@ -43,6 +43,7 @@ DEFAULT_DELIVERED_RETENTION_S = 7 * 86400.0
 DEFAULT_CATCHUP_RATE_PER_S = 10_000.0
 DEFAULT_CATCHUP_GRACE_S = 1.0
 DEFAULT_TRANSACTION_TIMEOUT_S = 10.0
+DEFAULT_WORKER_SESSION_TIMEOUT_S = 10.0
 DEFAULT_STATE_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_STATE_MEMTABLE_BYTES = 64 * 1024 * 1024
 DEFAULT_STATE_DIR = "./ensync-state"
@@ -212,6 +213,11 @@ class WorkerConfig(_Frozen):
     catchup_grace: Duration = Field(default=DEFAULT_CATCHUP_GRACE_S, ge=0)
     """A timer more than this many seconds overdue counts as backlog and is rate-capped."""
     transaction_timeout: PositiveDuration = DEFAULT_TRANSACTION_TIMEOUT_S
+    session_timeout: Duration = Field(default=DEFAULT_WORKER_SESSION_TIMEOUT_S, ge=6, le=1800)
+    """How long a tier's group waits for a worker that stopped answering before its partitions
+    move on: a crashed worker's, and those of a consumer replaced while it could not leave the
+    group (BrokerWatch). Their deferrals wait that long; librdkafka's 45 s is for flaky networks.
+    Within the broker's group.min/max.session.timeout.ms (6 s to 30 min by default)."""
     state_cache_bytes: int = Field(default=DEFAULT_STATE_CACHE_BYTES, ge=1024 * 1024)
     """RocksDB block cache shared by every partition store of a worker process."""
     state_memtable_bytes: int = Field(default=DEFAULT_STATE_MEMTABLE_BYTES, ge=1024 * 1024)

@@ -124,6 +124,7 @@ class TierWorker:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": int(w.session_timeout * 1000),
                 "queued.max.messages.kbytes": 16384,
                 "fetch.wait.max.ms": 50,
                 **self._consumer_watch.settings(client),

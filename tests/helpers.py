@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,6 +43,8 @@ CONSUMER_STOP_S = 30.0
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 """Group clients whose session ends quickly (the broker's minimum is 6 s): a killed worker's
 membership lingers only that long, and a broker outage past it loses the assignment."""
+FAST_GROUP_WORKER = {"session_timeout": 6}
+"""The same for tier workers, whose group session is ``worker.session_timeout``."""
 COMMITTED_TIMEOUT_S = 10.0
 DEFAULT_TIERS = ({"name": "1s", "span": 1}, {"name": "10s", "span": 10})
 
@@ -217,6 +220,13 @@ class ConsumerThread:
         if self.error is not None:
             raise AssertionError(f"the consumer failed: {self.error!r}") from self.error
         return self._thread.is_alive()
+
+    def stack(self) -> str:
+        """Where the consumer's thread is now, for a failure message: polling, or stuck."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if frame is None:
+            return "the consumer thread has ended"
+        return "the consumer thread is at:\n" + "".join(traceback.format_stack(frame)[-8:])
 
     def __enter__(self) -> ConsumerThread:
         self._thread.start()

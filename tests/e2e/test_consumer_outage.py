@@ -103,7 +103,10 @@ def test_partitions_paused_when_lost_are_consumed_when_assigned_again(
             lambda: consuming.alive() and expected <= handled,
             timeout=WAIT_S,
             what="every event handled",
-            describe=lambda: f"{len(expected - handled)} not handled; {consumer_state(consumer)}",
+            describe=lambda: (
+                f"{len(expected - handled)} not handled; {consumer_state(consumer)}; "
+                f"{consuming.stack()}"
+            ),
         )
 
 

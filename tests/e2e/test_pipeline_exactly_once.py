@@ -31,6 +31,7 @@ from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
     FAST_GROUP_CLIENT,
+    FAST_GROUP_WORKER,
     ConsumerThread,
     TopicReader,
     WorkerProcess,
@@ -151,7 +152,12 @@ def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
 ) -> None:
     state_dir = tmp_path / "state"
     mapping = pipeline_mapping(
-        unique_prefix, kafka_bootstrap, state_dir, worker_id="crashy", client=FAST_GROUP_CLIENT
+        unique_prefix,
+        kafka_bootstrap,
+        state_dir,
+        worker_id="crashy",
+        worker=FAST_GROUP_WORKER,
+        client=FAST_GROUP_CLIENT,
     )
     config_path = write_config(tmp_path / "ensync.yaml", mapping)
     config = config_from_mapping(
@@ -198,7 +204,11 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
     mapping = pipeline_mapping(
-        unique_prefix, kafka_bootstrap, tmp_path / "state", client=FAST_GROUP_CLIENT
+        unique_prefix,
+        kafka_bootstrap,
+        tmp_path / "state",
+        worker=FAST_GROUP_WORKER,
+        client=FAST_GROUP_CLIENT,
     )
     config_path = write_config(tmp_path / "ensync.yaml", mapping)
     config = config_from_mapping(
@@ -307,7 +317,7 @@ def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
             describe=lambda: (
                 f"{len(expected.keys() - handled)} not handled, on "
                 f"{ledger.where(expected.keys() - handled, consumer.group, bootstrap)}; "
-                f"{consumer_state(consumer)}"
+                f"{consumer_state(consumer)}; {consuming.stack()}"
             ),
         )
 

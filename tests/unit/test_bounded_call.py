@@ -56,3 +56,41 @@ def test_the_deadline_runs_from_the_start_while_the_caller_works_beside_the_call
     assert time.monotonic() - started < 0.05, "result() waited again after the deadline"
     release.set()
     assert abandoned.wait(5)
+
+
+def test_a_call_is_given_up_once_its_client_is_stranded_served_meanwhile() -> None:
+    release, abandoned = threading.Event(), threading.Event()
+    served: list[float] = []
+    stranded = threading.Event()
+    threading.Timer(0.3, stranded.set).start()  # what the client's statistics would tell
+    call = BoundedCall(
+        lambda: release.wait(30),
+        30.0,
+        "stranded",
+        abandon=abandoned.set,
+        give_up=stranded.is_set,
+        serve=lambda: served.append(time.monotonic()),
+    )
+    started = time.monotonic()
+    with pytest.raises(CallAbandoned) as info:
+        call.result()
+    assert time.monotonic() - started < 5, "waited out the bound instead of giving up"
+    assert "knows no broker" in info.value.args[0].str()
+    assert len(served) >= 2, "the client was not served while the call blocked"
+    release.set()
+    assert abandoned.wait(5), "closed once the call returned"
+
+
+def test_a_watched_call_that_returns_is_not_given_up() -> None:
+    call = BoundedCall(
+        lambda: time.sleep(0.2), 30.0, "watched", abandon=lambda: None, give_up=lambda: False
+    )
+    call.result()  # returns, and raises nothing
+
+    def fenced() -> None:
+        raise KafkaException(KafkaError(KafkaError._FENCED))
+
+    failing = BoundedCall(fenced, 30.0, "watched", abandon=lambda: None, give_up=lambda: False)
+    with pytest.raises(KafkaException) as info:
+        failing.result()
+    assert info.value.args[0].code() == KafkaError._FENCED
