@@ -43,7 +43,7 @@ CONSUMER_STOP_S = 30.0
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 """Group clients whose session ends quickly (the broker's minimum is 6 s): a killed worker's
 membership lingers only that long, and a broker outage past it loses the assignment."""
-FAST_GROUP_WORKER = {"session_timeout": 6}
+FAST_GROUP_WORKER = {"session_timeout": FAST_GROUP_CLIENT["session.timeout.ms"] / 1000}
 """The same for tier workers, whose group session is ``worker.session_timeout``."""
 COMMITTED_TIMEOUT_S = 10.0
 DEFAULT_TIERS = ({"name": "1s", "span": 1}, {"name": "10s", "span": 10})
