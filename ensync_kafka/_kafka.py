@@ -169,6 +169,10 @@ class BrokerWatch:
     def __init__(self, name: str) -> None:
         self.name = name
         self.stranded = False
+        self.group: dict[str, Any] | None = None
+        """The latest report's consumer-group state (librdkafka's ``cgrp``: state, join_state,
+        stateage, …), for diagnosis: a consumer that knows brokers but never rejoins its group
+        after a broker stall has been seen once (see the issue notes) and is not detected yet."""
         self._empty_reports = 0
 
     def settings(self, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,7 +191,9 @@ class BrokerWatch:
         return {"statistics.interval.ms": interval, "stats_cb": callback}
 
     def report(self, stats_json: str) -> None:
-        brokers = json.loads(stats_json).get("brokers", {})
+        stats = json.loads(stats_json)
+        self.group = stats.get("cgrp")
+        brokers = stats.get("brokers", {})
         if any(b.get("source") != "logical" for b in brokers.values()):
             self._empty_reports = 0
             return

@@ -252,9 +252,12 @@ def consumer_state(consumer: PriorityConsumer) -> str:
         return sorted(short_tp(*key) for key in keys)
 
     buffered = {p: len(b) for p, b in consumer._buffers.items() if b}
+    group = consumer._watch.group or {}
+    group_state = {k: group.get(k) for k in ("state", "stateage", "join_state", "rebalance_age")}
     return (
         f"assigned {tps(consumer._assigned)}, at end {tps(consumer._eof)}, "
-        f"paused {tps(consumer._paused)}, buffered {buffered}, {consumer.stats}"
+        f"paused {tps(consumer._paused)}, buffered {buffered}, {consumer.stats}, "
+        f"librdkafka group {group_state}"
     )
 
 
