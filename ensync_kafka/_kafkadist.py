@@ -26,10 +26,11 @@ DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
 FETCH_TIMEOUT_S = 900.0
 ENV_CACHE = "ENSYNC_KAFKA_CACHE"
 LOCK_FILE = ".lock"
+LOG_TAIL_LINES = 25
+"""How many lines of a failed tool's output, or of the broker's log, an error quotes."""
 
 _LIBS = "libs"
 _LIBS_STAMP = ".ensync-complete"
-_LOG_TAIL_LINES = 25
 _MVN_HINT = "install Apache Maven (e.g. `apt-get install maven`), needed once to fetch Kafka jars"
 
 
@@ -104,7 +105,7 @@ def ensure_jars(cache: Path | None = None) -> Path:
                     f"fetching the Kafka {KAFKA_VERSION} jars took over {FETCH_TIMEOUT_S:.0f} s"
                 ) from exc
             if result.returncode != 0:
-                output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
+                output = last_lines(result.stdout + result.stderr)
                 raise LocalBrokerError(
                     f"fetching the Kafka {KAFKA_VERSION} jars with Maven failed "
                     f"(exit {result.returncode}):\n{output}"
@@ -138,3 +139,7 @@ def _classpath(libs: Path) -> str:
 
 def _log4j() -> str:
     return f"-Dlog4j2.configurationFile={_ops_dir() / 'log4j2.yaml'}"
+
+
+def last_lines(text: str) -> str:
+    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])

@@ -42,6 +42,7 @@ from ._kafkadist import (
     _user_home,
     cache_dir,
     ensure_jars,
+    last_lines,
     render_server_properties,
 )
 from ._processes import (
@@ -102,7 +103,6 @@ LOG_FILE = "broker.log"
 OWNER_FILE = "owner.json"
 
 _PORT_ATTEMPTS = 3
-_LOG_TAIL_LINES = 25
 _UNOWNED_GRACE_S = 60.0
 _JAVA_HINT = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
 
@@ -129,12 +129,12 @@ def _test_registry() -> Path:
 # --- small helpers -----------------------------------------------------------------------------
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def _tail(path: Path) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+    return last_lines(text) or "(empty log)"
 
 
 def new_cluster_id() -> str:
@@ -400,7 +400,7 @@ class LocalBroker:
         except subprocess.TimeoutExpired as exc:
             raise LocalBrokerError(f"formatting broker storage took over {exc.timeout} s") from exc
         if result.returncode != 0:
-            output = "\n".join((result.stdout + result.stderr).splitlines()[-_LOG_TAIL_LINES:])
+            output = last_lines(result.stdout + result.stderr)
             raise LocalBrokerError(f"formatting the broker storage failed:\n{output}")
 
     def _await_ready(self, process: subprocess.Popen[bytes], info: BrokerInfo) -> None:
