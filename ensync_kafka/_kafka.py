@@ -22,6 +22,13 @@ STRANDED_REPORTS = 2
 """Consecutive reports without a broker that make a watched client stranded."""
 OVERRUN_GRACE_S = 5.0
 """How long past its own timeout a bounded librdkafka call may take before it is abandoned."""
+GROUP_REJOIN_SESSIONS = 2
+GROUP_REJOIN_MIN_S = 30.0
+"""A watched consumer whose group has waited on its coordinator this long (this many session
+timeouts, at least GROUP_REJOIN_MIN_S) while a broker is up is stranded (BrokerWatch)."""
+GROUP_JOIN_WAITING_STATES = frozenset({"init", "wait-join", "wait-metadata", "wait-sync"})
+"""librdkafka's join states (``cgrp.join_state``) that wait on the group coordinator; the others
+wait on our rebalance callbacks (a tier's restore can take minutes) or are ``steady``."""
 GIVE_UP_CHECK_S = 0.1
 """How often a bounded call's waiter serves its client and asks whether to give up."""
 
@@ -46,17 +53,24 @@ def retrying(
     call: Callable[[], None],
     attempts: int = TXN_CALL_ATTEMPTS,
     give_up: Callable[[], bool] | None = None,
+    serve: Callable[[], object] | None = None,
 ) -> None:
     """Repeat a transactional call on a retriable error, as librdkafka asks; an abortable or
     fatal error propagates (a commit that timed out may have succeeded: it must not be aborted),
-    and so does a retriable one once ``give_up()`` says retrying cannot help."""
+    and so does a retriable one once ``give_up()`` says retrying cannot help. ``serve()`` runs
+    first: a blocked transactional call serves none of its client's callbacks, so the statistics
+    ``give_up`` reads (BrokerWatch) may still be waiting to be delivered."""
     for attempt in range(attempts):
         try:
             call()
             return
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
-            if not err.retriable() or attempt == attempts - 1 or (give_up and give_up()):
+            if not err.retriable() or attempt == attempts - 1:
+                raise
+            if serve is not None:
+                serve()
+            if give_up is not None and give_up():
                 raise
 
 
@@ -156,24 +170,36 @@ def reader(config: Config, purpose: str, settings: Mapping[str, Any] | None = No
 
 
 class BrokerWatch:
-    """Tells whether a librdkafka client still knows a broker to talk to.
+    """Tells whether a librdkafka client is stranded: it will not get going again by itself, and
+    its owner replaces it. Merge :meth:`settings` into the client's configuration and poll it.
 
-    A Metadata response that lists no brokers makes librdkafka 2.10+ drop every broker it knows,
-    and it never looks for one again (librdkafka #5301). A KRaft broker sends one while it is
-    fenced, as a single broker is on waking from a stall longer than its session: its clients
-    then wait for good, and a consumer's group session times out and it never rejoins. Such a
-    client's statistics list only logical brokers (its coordinator handles); its owner replaces
-    it. Merge :meth:`settings` into the client's configuration and poll the client.
+    - It knows no broker. A Metadata response that lists no brokers makes librdkafka 2.10+ drop
+      every broker it knows, and it never looks for one again (librdkafka #5301). A KRaft broker
+      sends one while it is fenced, as a single broker is on waking from a stall longer than its
+      session: its clients then wait for good, and a consumer's group session times out and it
+      never rejoins. Such a client's statistics list only logical brokers (its coordinator
+      handles).
+    - Given ``group_session_s`` (a subscribed consumer's session timeout): its group does not
+      come back up while a broker is up. After a broker stall a consumer's group coordinator
+      handle can stay wedged ("GroupCoordinator: Timed out 0 in-flight, 0 retry-queued,
+      1 out-queue", then nothing), as the transactional one can (#5456, #5511): it polls, is
+      assigned nothing, and knows its brokers. A rejoin waits at most for the members that
+      left to time out (a session) and two rounds of join and sync (cooperative-sticky).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, group_session_s: float | None = None) -> None:
         self.name = name
         self.stranded = False
         self.group: dict[str, Any] | None = None
         """The latest report's consumer-group state (librdkafka's ``cgrp``: state, join_state,
-        stateage, …), for diagnosis: a consumer that knows brokers but never rejoins its group
-        after a broker stall has been seen once (see the issue notes) and is not detected yet."""
+        stateage, …)."""
         self._empty_reports = 0
+        self._group_limit_s = (
+            None
+            if group_session_s is None
+            else max(GROUP_REJOIN_MIN_S, GROUP_REJOIN_SESSIONS * group_session_s)
+        )
+        self._group_waiting_since_s: float | None = None
 
     def settings(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """What to merge over ``given`` (the client's settings): a ``stats_cb`` and interval
@@ -193,16 +219,40 @@ class BrokerWatch:
     def report(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
         self.group = stats.get("cgrp")
-        brokers = stats.get("brokers", {})
-        if any(b.get("source") != "logical" for b in brokers.values()):
+        learned = [b for b in stats.get("brokers", {}).values() if b.get("source") != "logical"]
+        if learned:
             self._empty_reports = 0
+            up = any(b.get("state") == "UP" for b in learned)
+            # ts: librdkafka's clock when it made the report, which may be served late.
+            self._watch_group(stats.get("ts", 0) / 1e6, up)
             return
         self._empty_reports += 1
-        if self._empty_reports >= STRANDED_REPORTS and not self.stranded:
-            self.stranded = True
-            log.warning(
-                "%s: the Kafka client knows no broker any more (librdkafka #5301)", self.name
+        if self._empty_reports >= STRANDED_REPORTS:
+            self._strand("the Kafka client knows no broker any more (librdkafka #5301)")
+
+    def _watch_group(self, now_s: float, broker_up: bool) -> None:
+        if self._group_limit_s is None or self.group is None:
+            return
+        waiting = (
+            self.group.get("state") != "up"
+            or self.group.get("join_state") in GROUP_JOIN_WAITING_STATES
+        )
+        if not (waiting and broker_up):  # up, in our own callback, or explained by an outage
+            self._group_waiting_since_s = None
+            return
+        if self._group_waiting_since_s is None:
+            self._group_waiting_since_s = now_s
+        elif now_s - self._group_waiting_since_s >= self._group_limit_s:
+            self._strand(
+                f"its consumer group has not come back up in {self._group_limit_s:.0f} s "
+                f"though a broker is up (librdkafka group state {self.group.get('state')}, "
+                f"join state {self.group.get('join_state')}), taken for a wedged coordinator handle"
             )
+
+    def _strand(self, why: str) -> None:
+        if not self.stranded:
+            self.stranded = True
+            log.warning("%s: %s", self.name, why)
 
 
 def retire(client: Producer | Consumer, name: str) -> None:

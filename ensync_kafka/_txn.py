@@ -159,9 +159,13 @@ class TransactionalProducers:
 
     def commit(self) -> None:
         """commit_transaction, repeated on a retriable error; one that timed out may have
-        committed, so it is never followed by an abort here (``retrying``)."""
+        committed, so it is never followed by an abort here (``retrying``). A stranded producer
+        would time out every attempt: its watch stops the retries after the first."""
+        producer, watch = self.current, self._watches[self._n]
         retrying(
-            lambda: self.current.commit_transaction(TXN_TIMEOUT_S), give_up=lambda: self.stranded
+            lambda: producer.commit_transaction(TXN_TIMEOUT_S),
+            give_up=lambda: watch.stranded,
+            serve=lambda: producer.poll(0),
         )
 
     def abort(self) -> None:

@@ -60,6 +60,8 @@ FILL_INTERVAL_S = 0.005
 CONSUME_BATCH = 500
 COMMIT_EVERY = 1000
 """Handled events that trigger a commit before ``consumer.commit_interval`` has passed."""
+LIBRDKAFKA_SESSION_TIMEOUT_MS = 45_000
+"""librdkafka's default ``session.timeout.ms``: the group session when the settings give none."""
 STOP_TIMEOUT_S = 10.0
 """How long (plus _kafka.OVERRUN_GRACE_S) a stopping consumer waits for its last commit and for
 leaving its group. librdkafka's close waits for a broker that does not answer (down, frozen) for
@@ -233,7 +235,11 @@ class PriorityConsumer:
         client = self.config.kafka.client_settings()
         # Only the consumer is watched: it is polled all the time (statistics are delivered by
         # polls), and a stranded producer's sends time out and raise.
-        self._watch = BrokerWatch(f"consumer group {self.group}")
+        given = {**client, **self._settings}
+        session_ms = given.get("session.timeout.ms", LIBRDKAFKA_SESSION_TIMEOUT_MS)
+        self._watch = BrokerWatch(
+            f"consumer group {self.group}", group_session_s=float(session_ms) / 1000
+        )
         try:
             self._producer = Producer(
                 {**client, "enable.idempotence": "true", "acks": "all", "linger.ms": 5}

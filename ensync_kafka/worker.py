@@ -115,7 +115,9 @@ class TierWorker:
         """The tier consumer (watched: see BrokerWatch) and the changelog restorer."""
         client = self.config.kafka.client_settings()
         w = self.config.worker
-        self._consumer_watch = BrokerWatch(f"tier {self.tier.name}: consumer")
+        self._consumer_watch = BrokerWatch(
+            f"tier {self.tier.name}: consumer", group_session_s=w.session_timeout
+        )
         consumer = Consumer(
             {
                 **client,

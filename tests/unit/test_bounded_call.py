@@ -1,5 +1,6 @@
 """_kafka.bounded: a librdkafka call that overruns its own timeout (librdkafka #3779) is
-abandoned in its thread, and its client closed only once it returns."""
+abandoned in its thread, and its client closed only once it returns; _kafka.retrying repeats a
+transactional call that fails retriably, unless its client is stranded."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from ensync_kafka import _kafka
-from ensync_kafka._kafka import BoundedCall, CallAbandoned, bounded
+from ensync_kafka._kafka import BoundedCall, CallAbandoned, bounded, retrying
 
 
 def test_a_call_that_returns_in_time_returns_and_nothing_is_abandoned() -> None:
@@ -94,3 +95,59 @@ def test_a_watched_call_that_returns_is_not_given_up() -> None:
     with pytest.raises(KafkaException) as info:
         failing.result()
     assert info.value.args[0].code() == KafkaError._FENCED
+
+
+def _timed_out() -> KafkaException:
+    err = KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True)
+    return KafkaException(err)
+
+
+def test_retrying_repeats_a_retriable_error_until_the_call_succeeds() -> None:
+    outcomes: list[KafkaException | None] = [_timed_out(), _timed_out(), None]
+
+    def call() -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    retrying(call, attempts=3)
+    assert outcomes == []
+
+
+def test_retrying_stops_at_once_on_an_abortable_error_and_after_the_last_attempt() -> None:
+    calls: list[int] = []
+
+    def abortable() -> None:
+        calls.append(1)
+        raise KafkaException(KafkaError(KafkaError._STATE, "abort", txn_requires_abort=True))
+
+    with pytest.raises(KafkaException):
+        retrying(abortable, attempts=3)
+    assert len(calls) == 1
+
+    def timing_out() -> None:
+        calls.append(2)
+        raise _timed_out()
+
+    with pytest.raises(KafkaException):
+        retrying(timing_out, attempts=3)
+    assert calls.count(2) == 3
+
+
+def test_retrying_serves_the_client_before_asking_whether_to_give_up() -> None:
+    """The statistics that make a client stranded arrive only when it is served: a blocked
+    commit serves nothing, so without serving first every attempt would time out."""
+    stranded, calls = [False], []
+
+    def timing_out() -> None:
+        calls.append(1)
+        raise _timed_out()
+
+    with pytest.raises(KafkaException):
+        retrying(
+            timing_out,
+            attempts=3,
+            give_up=lambda: stranded[0],
+            serve=lambda: stranded.__setitem__(0, True),
+        )
+    assert len(calls) == 1

@@ -11,21 +11,33 @@ import pytest
 from confluent_kafka import KafkaError, Producer
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest
-from ensync_kafka._kafka import BROKER_WATCH_INTERVAL_MS, STRANDED_REPORTS, BrokerWatch
+from ensync_kafka._kafka import (
+    BROKER_WATCH_INTERVAL_MS,
+    GROUP_REJOIN_MIN_S,
+    GROUP_REJOIN_SESSIONS,
+    STRANDED_REPORTS,
+    BrokerWatch,
+)
 from ensync_kafka.config import config_from_mapping
 
+Broker = tuple[str, int, str, str]
+"""A broker's name, node id, source and state in a report."""
 
-def stats(*brokers: tuple[str, int, str, str]) -> str:
-    return json.dumps(
-        {
-            "name": "rdkafka#consumer-6",
-            "type": "consumer",
-            "brokers": {
-                name: {"name": name, "nodeid": node, "source": source, "state": state}
-                for name, node, source, state in brokers
-            },
-        }
-    )
+
+def stats(*brokers: Broker, group: tuple[str, str] | None = None, at_s: float = 0) -> str:
+    report: dict[str, object] = {
+        "name": "rdkafka#consumer-6",
+        "type": "consumer",
+        "ts": int(at_s * 1e6),
+        "brokers": {
+            name: {"name": name, "nodeid": node, "source": source, "state": state}
+            for name, node, source, state in brokers
+        },
+    }
+    if group is not None:
+        state, join_state = group
+        report["cgrp"] = {"state": state, "stateage": 0, "join_state": join_state}
+    return json.dumps(report)
 
 
 COORDINATOR = ("GroupCoordinator", -1, "logical", "UP")
@@ -73,6 +85,69 @@ def test_settings_ask_for_statistics_and_keep_a_given_callback() -> None:
     for _ in range(STRANDED_REPORTS):
         settings["stats_cb"](STRANDED)
     assert watch.stranded and theirs == [STRANDED] * STRANDED_REPORTS
+
+
+LEARNED_UP = ("127.0.0.1:39621/1", 1, "learned", "UP")
+LEARNED_DOWN = ("127.0.0.1:39621/1", 1, "learned", "DOWN")
+SESSION_S = 20.0
+LIMIT_S = max(GROUP_REJOIN_MIN_S, GROUP_REJOIN_SESSIONS * SESSION_S)
+
+
+def group_reports(watch: BrokerWatch, *steps: tuple[float, tuple[str, str], Broker]) -> None:
+    for at_s, group, broker in steps:
+        watch.report(stats(broker, COORDINATOR, group=group, at_s=at_s))
+
+
+def test_a_group_that_waits_on_its_coordinator_while_a_broker_is_up_makes_it_stranded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wedged coordinator handle after a broker stall: brokers known and up, the group
+    joining for good. Timed by librdkafka's clock in the reports, which may be served late."""
+    watch = BrokerWatch("consumer group g", group_session_s=SESSION_S)
+    joining = ("up", "wait-join")
+    group_reports(watch, (100.0, joining, LEARNED_UP), (100 + LIMIT_S - 1, joining, LEARNED_UP))
+    assert not watch.stranded
+    with caplog.at_level(logging.WARNING, logger="ensync_kafka.kafka"):
+        group_reports(watch, (100 + LIMIT_S, ("wait-coord", "init"), LEARNED_UP))
+    assert watch.stranded
+    assert "consumer group g" in caplog.text and "wait-coord" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        pytest.param((("up", "steady"), LEARNED_UP), id="steady"),
+        pytest.param((("up", "wait-assign-call"), LEARNED_UP), id="our-assign-callback"),
+        pytest.param((("query-coord", "init"), LEARNED_DOWN), id="broker-down"),
+    ],
+)
+def test_the_wait_starts_again_when_the_group_is_up_in_our_callback_or_the_broker_down(
+    between: tuple[tuple[str, str], Broker],
+) -> None:
+    watch = BrokerWatch("c", group_session_s=SESSION_S)
+    joining = (("up", "wait-sync"), LEARNED_UP)
+    group_reports(
+        watch,
+        (0.0, *joining),
+        (LIMIT_S - 1, *between),
+        (LIMIT_S, *joining),
+        (2 * LIMIT_S - 1, *joining),
+    )
+    assert not watch.stranded
+
+
+def test_the_group_is_watched_only_when_asked_and_at_least_the_minimum() -> None:
+    unwatched = BrokerWatch("producer")
+    short = BrokerWatch("c", group_session_s=1.0)
+    joining = ("up", "wait-join")
+    for watch in (unwatched, short):
+        group_reports(
+            watch, (0.0, joining, LEARNED_UP), (GROUP_REJOIN_MIN_S - 1, joining, LEARNED_UP)
+        )
+    assert not short.stranded
+    group_reports(short, (GROUP_REJOIN_MIN_S, joining, LEARNED_UP))
+    group_reports(unwatched, (10 * GROUP_REJOIN_MIN_S, joining, LEARNED_UP))
+    assert short.stranded and not unwatched.stranded
 
 
 def test_a_defer_client_replaces_a_producer_whose_sends_time_out() -> None:
