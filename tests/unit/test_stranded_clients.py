@@ -1,6 +1,7 @@
 """BrokerWatch reads librdkafka statistics: the shapes below are those of real clients (a
 consumer before and after a fenced single broker answered a Metadata request with no brokers,
-librdkafka #5301), trimmed to the fields the watch reads and a few for recognition."""
+librdkafka #5301), trimmed to the fields the watch reads and a few for recognition; the group
+(``cgrp``) and clock (``ts``, microseconds) fields as librdkafka's STATISTICS.md defines them."""
 
 from __future__ import annotations
 
