@@ -25,7 +25,7 @@ OVERRUN_GRACE_S = 5.0
 GROUP_REJOIN_SESSIONS = 2
 GROUP_REJOIN_MIN_S = 30.0
 """A watched consumer whose group has waited on its coordinator this long (this many session
-timeouts, at least GROUP_REJOIN_MIN_S) while a broker is up is stranded (BrokerWatch)."""
+timeouts, at least GROUP_REJOIN_MIN_S) is stranded (BrokerWatch)."""
 GROUP_JOIN_WAITING_STATES = frozenset({"init", "wait-join", "wait-metadata", "wait-sync"})
 """librdkafka's join states (``cgrp.join_state``) that wait on the group coordinator; the others
 wait on our rebalance callbacks (a tier's restore can take minutes) or are ``steady``."""
@@ -180,11 +180,13 @@ class BrokerWatch:
       never rejoins. Such a client's statistics list only logical brokers (its coordinator
       handles).
     - Given ``group_session_s`` (a subscribed consumer's session timeout): its group does not
-      come back up while a broker is up. After a broker stall a consumer's group coordinator
-      handle can stay wedged ("GroupCoordinator: Timed out 0 in-flight, 0 retry-queued,
-      1 out-queue", then nothing), as the transactional one can (#5456, #5511): it polls, is
-      assigned nothing, and knows its brokers. A rejoin waits at most for the members that
-      left to time out (a session) and two rounds of join and sync (cooperative-sticky).
+      come back up. After a broker stall a consumer can know its broker yet never look for its
+      group coordinator again (seen about once in 25 stalls of 12 s: librdkafka's group state
+      ``query-coord`` for minutes while every other client of the process worked), as the
+      transactional coordinator handle can wedge (#5456, #5511): it polls and is assigned
+      nothing. A rejoin waits at most for the members that left to time out (a session) and
+      two rounds of join and sync (cooperative-sticky). A client replaced during a real outage
+      only waits as its predecessor would have.
     """
 
     def __init__(self, name: str, *, group_session_s: float | None = None) -> None:
@@ -193,6 +195,8 @@ class BrokerWatch:
         self.group: dict[str, Any] | None = None
         """The latest report's consumer-group state (librdkafka's ``cgrp``: state, join_state,
         stateage, …)."""
+        self.brokers: dict[str, str] = {}
+        """The latest report's brokers and their states (``UP``, ``DOWN``, …), for diagnosis."""
         self._empty_reports = 0
         self._group_limit_s = (
             None
@@ -219,25 +223,25 @@ class BrokerWatch:
     def report(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
         self.group = stats.get("cgrp")
-        learned = [b for b in stats.get("brokers", {}).values() if b.get("source") != "logical"]
-        if learned:
+        brokers = stats.get("brokers", {}).values()
+        self.brokers = {b.get("name", "?"): b.get("state", "?") for b in brokers}
+        if any(b.get("source") != "logical" for b in brokers):
             self._empty_reports = 0
-            up = any(b.get("state") == "UP" for b in learned)
             # ts: librdkafka's clock when it made the report, which may be served late.
-            self._watch_group(stats.get("ts", 0) / 1e6, up)
+            self._watch_group(stats.get("ts", 0) / 1e6)
             return
         self._empty_reports += 1
         if self._empty_reports >= STRANDED_REPORTS:
             self._strand("the Kafka client knows no broker any more (librdkafka #5301)")
 
-    def _watch_group(self, now_s: float, broker_up: bool) -> None:
+    def _watch_group(self, now_s: float) -> None:
         if self._group_limit_s is None or self.group is None:
             return
         waiting = (
             self.group.get("state") != "up"
             or self.group.get("join_state") in GROUP_JOIN_WAITING_STATES
         )
-        if not (waiting and broker_up):  # up, in our own callback, or explained by an outage
+        if not waiting:  # up and steady, or in our own rebalance callback
             self._group_waiting_since_s = None
             return
         if self._group_waiting_since_s is None:
@@ -245,8 +249,8 @@ class BrokerWatch:
         elif now_s - self._group_waiting_since_s >= self._group_limit_s:
             self._strand(
                 f"its consumer group has not come back up in {self._group_limit_s:.0f} s "
-                f"though a broker is up (librdkafka group state {self.group.get('state')}, "
-                f"join state {self.group.get('join_state')}), taken for a wedged coordinator handle"
+                f"(librdkafka group state {self.group.get('state')}, join state "
+                f"{self.group.get('join_state')}; brokers {self.brokers})"
             )
 
     def _strand(self, why: str) -> None:

@@ -22,6 +22,11 @@ log = logging.getLogger("ensync_kafka.worker")
 
 TXN_TIMEOUT_S = 30.0
 """librdkafka's timeout for each transactional call (and a commit's flush)."""
+ABORT_TIMEOUT_S = 10.0
+"""librdkafka's timeout for an abort. A healthy one takes milliseconds; one still waiting after
+this waits on a coordinator that is away or a handle that is wedged (seen after a broker stall:
+30 s, then "retry call to resume"), and a new producer's init_transactions (the start-over that
+follows) aborts the transaction as well."""
 TRANSACTIONAL_PRODUCERS = 2
 """Transactions alternate between this many producers. The coordinator finishes a commit (the
 markers on every partition it touched) after commit_transaction returns; the same producer's
@@ -173,7 +178,7 @@ class TransactionalProducers:
         (librdkafka #3779)."""
         producer = self.current
         self._bounded(
-            "abort", lambda: producer.abort_transaction(TXN_TIMEOUT_S), TXN_TIMEOUT_S
+            "abort", lambda: producer.abort_transaction(ABORT_TIMEOUT_S), ABORT_TIMEOUT_S
         ).result()
 
     def _bounded(self, what: str, call: Callable[[], None], timeout: float) -> BoundedCall:

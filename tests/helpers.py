@@ -257,7 +257,7 @@ def consumer_state(consumer: PriorityConsumer) -> str:
     return (
         f"assigned {tps(consumer._assigned)}, at end {tps(consumer._eof)}, "
         f"paused {tps(consumer._paused)}, buffered {buffered}, {consumer.stats}, "
-        f"librdkafka group {group_state}"
+        f"librdkafka group {group_state}, brokers {consumer._watch.brokers}"
     )
 
 
