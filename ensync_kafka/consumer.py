@@ -84,6 +84,9 @@ class ConsumerStats:
     postponed: int = 0
     shed: int = 0
     invalid: int = 0
+    restarts: int = 0
+    """Times its Kafka clients were replaced because they would not get going again by
+    themselves (BrokerWatch: stranded after a broker stall)."""
 
 
 @dataclass(slots=True)
@@ -290,6 +293,7 @@ class PriorityConsumer:
         then). The old ones are closed aside, as closing them can block; their rebalance
         callbacks no longer touch this consumer's state (see _current)."""
         log.warning("consumer group %s: replacing its stranded Kafka clients", self.group)
+        self.stats.restarts += 1
         old_consumer, old_producer = self._consumer, self._producer
         self._reset_state()
         self._open()

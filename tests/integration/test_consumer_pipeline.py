@@ -234,6 +234,7 @@ def test_a_stranded_consumer_starts_over_and_handles_every_event(
                 describe=lambda: f"{total - len(set(payload_ids(recorder.events)))} not yet",
             )
     assert len(recorder.calls) - total <= total  # a replay, not a loop
+    assert consumer.stats.restarts == 1
 
 
 def test_strict_ordering_drains_priority_5_first(
