@@ -250,6 +250,10 @@ class _StateCollector(Collector):
             "ensync_restored_records", "Changelog records replayed into local state.",
             labels=["tier"],
         )  # fmt: skip
+        restarts = CounterMetricFamily(
+            "ensync_tier_restarts", "Times a tier joined its group again with new Kafka clients.",
+            labels=["tier"],
+        )  # fmt: skip
         lag = GaugeMetricFamily(
             "ensync_consumer_lag", "Records of the tier topic not yet consumed and committed.",
             labels=["tier", "partition"],
@@ -276,11 +280,13 @@ class _StateCollector(Collector):
             assigned.add_metric([name], len(numbers) + in_restore)
             restoring.add_metric([name], in_restore)
             restored.add_metric([name], tier.stats.restored)
+            restarts.add_metric([name], tier.stats.restarts)
             for p, value in sorted(self._lag(tier).items()):
                 lag.add_metric([name, str(p)], value)
         ready = GaugeMetricFamily("ensync_ready", "1 when every assigned partition is restored.")
         ready.add_metric([], 1.0 if self._ready() else 0.0)
-        yield from (held, held_p, overdue, next_due, assigned, restoring, restored, lag, ready)
+        yield from (held, held_p, overdue, next_due, assigned, restoring, restored, restarts)
+        yield from (lag, ready)
 
 
 class LagProbe:

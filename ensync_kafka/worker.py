@@ -62,6 +62,9 @@ class TierStats:
     aborts: int = 0
     controls: int = 0
     restored: int = 0
+    restarts: int = 0
+    """Times the tier let its partitions go and joined again with new clients (a start-over
+    after a transaction failed, or a stranded consumer: BrokerWatch)."""
 
 
 class TierWorker:
@@ -509,6 +512,7 @@ class TierWorker:
         and join the group again with a new consumer and restorer: after a start-over, or when
         the consumer knows no broker any more and would never rejoin (BrokerWatch; the same
         metadata response strands every client that asked for metadata at that moment)."""
+        self.stats.restarts += 1
         owned = [TopicPartition(self.topic, p) for p in sorted(self.stores)]
         self._on_revoke(self.consumer, owned)
         old_consumer, old_restorer = self.consumer, self.restorer

@@ -93,6 +93,7 @@ def test_metrics_move_as_deferrals_flow(
         assert _value(now, "ensync_next_due_seconds", tier="1m") > 30
         assert _value(now, "ensync_oldest_overdue_seconds", tier="1m") == 0
         assert ("ensync_consumer_lag", (("partition", "0"), ("tier", "1m"))) in now
+        assert _value(now, "ensync_tier_restarts_total", tier="1s") == 0
         assert _value(now, "ensync_ready") == 1
     finally:
         client.close()

@@ -322,6 +322,7 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
             timeout=WAIT_S,
             what="a new consumer with the partitions back",
         )
+        assert tier.stats.restarts == 1
 
     _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
 
