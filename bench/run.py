@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if sorted(sections) != list(SECTIONS):  # a partial run never overwrites a full one
         suffix += "-" + "".join(sorted(sections))
     stem = f"{stamp}-{env['git_sha']}{suffix}"
+    if not args.no_save:  # a second recorded run of one commit never overwrites the first
+        first, n = stem, 1
+        while (args.results_dir / f"{stem}.md").exists():
+            n += 1
+            stem = f"{first}-run{n}"
     runs: list[tuple[str, Any]] = []
     if "a" in sections:
         runs.append(("a", lambda: section_a(bench, mode.n)))
