@@ -236,13 +236,6 @@ class PriorityConsumer:
 
     def _open(self) -> None:
         client = self.config.kafka.client_settings()
-        # Only the consumer is watched: it is polled all the time (statistics are delivered by
-        # polls), and a stranded producer's sends time out and raise.
-        given = {**client, **self._settings}
-        session_ms = given.get("session.timeout.ms", LIBRDKAFKA_SESSION_TIMEOUT_MS)
-        self._watch = BrokerWatch(
-            f"consumer group {self.group}", group_session_s=float(session_ms) / 1000
-        )
         try:
             self._producer = Producer(
                 {**client, "enable.idempotence": "true", "acks": "all", "linger.ms": 5}
@@ -283,6 +276,12 @@ class PriorityConsumer:
             "enable.partition.eof": True,
             "on_commit": self._on_commit,
         }
+        # Only the consumer is watched: it is polled all the time (statistics are delivered by
+        # polls), and a stranded producer's sends time out and raise.
+        session_ms = settings.get("session.timeout.ms", LIBRDKAFKA_SESSION_TIMEOUT_MS)
+        self._watch = BrokerWatch(
+            f"consumer group {self.group}", group_session_s=float(session_ms) / 1000
+        )
         return Consumer({**settings, **self._watch.settings(settings)})
 
     def _start_over(self) -> None:
