@@ -26,9 +26,11 @@ GROUP_REJOIN_SESSIONS = 2
 GROUP_REJOIN_MIN_S = 30.0
 """A watched consumer whose group has waited on its coordinator this long (this many session
 timeouts, at least GROUP_REJOIN_MIN_S) is stranded (BrokerWatch)."""
-GROUP_JOIN_WAITING_STATES = frozenset({"init", "wait-join", "wait-metadata", "wait-sync"})
-"""librdkafka's join states (``cgrp.join_state``) that wait on the group coordinator; the others
-wait on our rebalance callbacks (a tier's restore can take minutes) or are ``steady``."""
+GROUP_JOIN_WAITING_STATES = frozenset({"wait-join", "wait-sync"})
+"""librdkafka's join states (``cgrp.join_state``) that wait on the group coordinator. The others
+wait on our rebalance callbacks (a tier's restore can take minutes), are ``steady``, or are
+``init`` and ``wait-metadata``: where a consumer sits, its coordinator found, before it subscribes
+and for as long as none of the topics it subscribed to exists (it joins once one is created)."""
 GIVE_UP_CHECK_S = 0.1
 """How often a bounded call's waiter serves its client and asks whether to give up."""
 

@@ -146,6 +146,23 @@ def test_the_wait_starts_again_when_the_group_is_up_or_in_our_callback(
     assert not watch.stranded
 
 
+def test_a_consumer_not_subscribed_yet_or_to_topics_that_do_not_exist_is_not_stranded() -> None:
+    """The shapes a real consumer reported on a real broker: created, then polled only after a
+    while (its reports queued meanwhile: a worker subscribes after init_transactions), then
+    subscribed to a topic that did not exist. It waits for the topic, not for its coordinator,
+    and joins once the topic is created."""
+    watch = BrokerWatch("c", group_session_s=SESSION_S)
+    group_reports(
+        watch,
+        (0.0, ("query-coord", "init"), LEARNED_UP),
+        (1.0, ("wait-coord", "init"), LEARNED_UP),
+        *((at_s, ("up", "init"), LEARNED_UP) for at_s in range(2, 3 * int(LIMIT_S))),
+        (3 * LIMIT_S, ("up", "wait-metadata"), LEARNED_UP),
+        (4 * LIMIT_S, ("up", "init"), LEARNED_UP),
+    )
+    assert not watch.stranded
+
+
 def test_the_group_is_watched_only_when_asked_and_at_least_the_minimum() -> None:
     unwatched = BrokerWatch("producer")
     short = BrokerWatch("c", group_session_s=1.0)
