@@ -244,7 +244,7 @@ class BrokerWatch:
             self.group.get("state") != "up"
             or self.group.get("join_state") in GROUP_JOIN_WAITING_STATES
         )
-        if not waiting:  # up and steady, or in our own rebalance callback
+        if not waiting:  # see GROUP_JOIN_WAITING_STATES
             self._group_waiting_since_s = None
             return
         if self._group_waiting_since_s is None:
