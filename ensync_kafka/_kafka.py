@@ -185,11 +185,10 @@ class BrokerWatch:
       come back up. After a broker stall a consumer can know its broker yet never look for its
       group coordinator again (seen about once in 25 stalls of 12 s: librdkafka's group state
       ``query-coord`` for minutes, its broker in state ``INIT``, never reconnected, while every
-      other client of the process worked), as the
-      transactional coordinator handle can wedge (#5456, #5511): it polls and is assigned
-      nothing. A rejoin waits at most for the members that left to time out (a session) and
-      two rounds of join and sync (cooperative-sticky). A client replaced during a real outage
-      only waits as its predecessor would have.
+      other client of the process worked), as the transactional coordinator handle can wedge
+      (#5456, #5511): it polls and is assigned nothing. A rejoin waits at most for the members
+      that left to time out (a session) and two rounds of join and sync (cooperative-sticky).
+      A client replaced during a real outage only waits as its predecessor would have.
     """
 
     def __init__(self, name: str, *, group_session_s: float | None = None) -> None:
