@@ -21,7 +21,7 @@ from string import Template
 from ._processes import _locked
 from .exceptions import LocalBrokerError
 
-KAFKA_VERSION = "4.1.1"
+KAFKA_VERSION = "4.4.0"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.6.1"
 FETCH_TIMEOUT_S = 900.0
 ENV_CACHE = "ENSYNC_KAFKA_CACHE"
@@ -43,7 +43,7 @@ def _user_home(env: Mapping[str, str]) -> Path:
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$ENSYNC_KAFKA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/ensync-kafka/kafka-4.1.1``."""
+    """``$ENSYNC_KAFKA_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/ensync-kafka/kafka-4.4.0``."""
     env = _env(environ)
     if env.get(ENV_CACHE):
         return Path(env[ENV_CACHE]).expanduser()

@@ -42,7 +42,7 @@ def broker(ctx: click.Context, home: Path | None) -> None:
     """Run a local single-node Apache Kafka broker for development (Java and Maven, no Docker).
 
     The first start fetches the Kafka jars from Maven Central into
-    ${ENSYNC_KAFKA_CACHE:-~/.cache/ensync-kafka/kafka-4.1.1}; later starts are offline.
+    ${ENSYNC_KAFKA_CACHE:-~/.cache/ensync-kafka/kafka-4.4.0}; later starts are offline.
     """
     ctx.obj = home
 

@@ -151,6 +151,14 @@ def test_cluster_id_is_a_kafka_uuid() -> None:
         assert len(base64.urlsafe_b64decode(value + "==")) == 16
 
 
+def test_the_local_broker_and_docker_compose_run_one_kafka_version() -> None:
+    root = Path(__file__).resolve().parents[2]
+    pom = (root / "ops" / "kafka" / "pom.xml").read_text()
+    compose = (root / "docker-compose.yml").read_text()
+    assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in pom
+    assert f"image: apache/kafka:{KAFKA_VERSION}\n" in compose
+
+
 def test_cache_and_home_locations() -> None:
     env = {"HOME": "/h"}
     assert cache_dir(env) == Path(f"/h/.cache/ensync-kafka/kafka-{KAFKA_VERSION}")
