@@ -219,6 +219,30 @@ def test_deferral_audit_matches_the_general_encoder(event: str) -> None:
     assert encode(event, rec, T0, "why ünïcode") == general
 
 
+def test_deferral_audit_caches_stay_byte_identical() -> None:
+    from ensync_kafka.audit import MAX_CACHED_MIDDLES
+
+    encode = DeferralAudit(tier="1m", actor="worker:w")
+    for i in range(MAX_CACHED_MIDDLES + 50):  # past the cache's limit, so it starts over once
+        rec = {
+            **DEFERRAL_RECORD,
+            "defer_id": f"d-{i}",
+            "priority": 1 + i % 5,
+            "attempt": i % 70,  # above and below the precomputed attempts
+            "due_at": T0 + i,
+        }
+        reason = f"retry {i % 3}" if i % 2 else f"unique {i}"
+        general = AUDIT.encode(
+            {
+                "defer_id": rec["defer_id"], "event": "DEFERRED", "at": T0, "reason": reason,
+                "name": rec["name"], "queue": rec["queue"], "priority": rec["priority"],
+                "tier": "1m", "due_at": rec["due_at"], "attempt": rec["attempt"],
+                "actor": "worker:w",
+            }
+        )  # fmt: skip
+        assert encode("DEFERRED", rec, T0, reason) == general, i
+
+
 def test_timestamps_stay_int_milliseconds_in_python() -> None:
     decoded = DELIVERED.decode(DELIVERED.encode(RECORDS["DeliveredEvent"]))
     assert decoded["due_at"] == T0 + 1500
