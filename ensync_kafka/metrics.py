@@ -7,7 +7,10 @@ read from the tier workers at scrape time. Each worker has its own registry: not
 
 from __future__ import annotations
 
+import bisect
 import collections
+import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -16,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ._kafka import reader
@@ -60,6 +68,56 @@ def held_count(store: PartitionStore, limit: int = EXACT_COUNT_LIMIT) -> tuple[i
     return count, True
 
 
+@dataclasses.dataclass(slots=True)
+class _Series:
+    counts: list[int]
+    total: float = 0.0
+
+
+class BatchHistogram(Collector):
+    """A histogram with one label, fed a whole transaction's observations at once.
+
+    prometheus_client's ``observe`` takes a lock and walks the buckets once per value: about a
+    microsecond per released deferral, which a worker spends tens of thousands of times a second.
+    Here a turn's values are binned locally and added under one lock."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Iterable[float]) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self._bounds = sorted(buckets)
+        self._les = [*(repr(float(b)) for b in self._bounds), "+Inf"]  # as prometheus_client
+        self._series: dict[str, _Series] = {}
+        self._lock = threading.Lock()
+
+    def observe_many(self, label_value: str, values: Iterable[float]) -> None:
+        """Observe every value (negative ones count as 0, as a lateness cannot be below it)."""
+        counts = [0] * len(self._les)
+        total = 0.0
+        index, bounds = bisect.bisect_left, self._bounds
+        for value in values:
+            if value > 0:
+                counts[index(bounds, value)] += 1
+                total += value
+            else:
+                counts[0] += 1
+        with self._lock:
+            series = self._series.get(label_value)
+            if series is None:
+                series = self._series[label_value] = _Series([0] * len(counts))
+            kept = series.counts
+            for i, n in enumerate(counts):
+                kept[i] += n
+            series.total += total
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = [(v, list(s.counts), s.total) for v, s in self._series.items()]
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for label_value, counts, total in sorted(snapshot):
+            cumulative = itertools.accumulate(counts)
+            family.add_metric([label_value], list(zip(self._les, cumulative, strict=True)), total)
+        yield family
+
+
 class WorkerMetrics:
     """Every metric of one worker process, in its own registry."""
 
@@ -101,10 +159,13 @@ class WorkerMetrics:
             "ensync_dead_letters", "Dead letters seen on {prefix}.dead since this worker started.",
             ["queue", "priority"], registry=r,
         )  # fmt: skip
-        self.lateness = Histogram(
-            "ensync_delivery_lateness_seconds", "Release time minus due time.", ["tier"],
-            buckets=LATENESS_BUCKETS_S, registry=r,
-        )  # fmt: skip
+        self.lateness = BatchHistogram(
+            "ensync_delivery_lateness_seconds",
+            "Release time minus due time.",
+            "tier",
+            LATENESS_BUCKETS_S,
+        )
+        r.register(self.lateness)
         self.transaction = Histogram(
             "ensync_transaction_seconds", "Duration of a worker transaction, begin to commit.",
             ["tier", "result"], buckets=TRANSACTION_BUCKETS_S, registry=r,
@@ -129,7 +190,6 @@ class MetricsHooks(WorkerHooks):
         # Per-record hooks run thousands of times a second: keep the labelled children.
         self._accepted: dict[tuple[str, str, int], Any] = {}
         self._delivered: dict[tuple[str, str, int], Any] = {}
-        self._lateness: dict[str, Any] = {}
         self._phases: dict[str, list[Any]] = {}
 
     def on_assigned(self, tier: str, partitions: list[int]) -> None:
@@ -158,12 +218,9 @@ class MetricsHooks(WorkerHooks):
         self._count(self._accepted, self.metrics.accepted, tier, accepted)
         self._count(self._delivered, self.metrics.delivered, tier, delivered)
         if delivered:
-            lateness = self._lateness.get(tier)
-            if lateness is None:
-                lateness = self._lateness[tier] = self.metrics.lateness.labels(tier)
-            observe = lateness.observe
-            for deferral in delivered:
-                observe(max(0.0, (delivered_at_ms - deferral["due_at"]) / 1000))
+            self.metrics.lateness.observe_many(
+                tier, [(delivered_at_ms - d["due_at"]) / 1000 for d in delivered]
+            )
         self.inner.on_batch(tier, accepted, delivered, delivered_at_ms)
 
     @staticmethod
