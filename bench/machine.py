@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,9 @@ import psutil
 import rocksdict
 
 from .common import ROOT
+from .samples import sample_deferral_value
+
+SPEED_PROBE_CALLS = 20_000
 
 # -- machine and versions ---------------------------------------------------------------------
 
@@ -68,6 +74,33 @@ def _kafka_version(broker_pid: int | None) -> str:
     return "unknown"
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def speed_probe_us(calls: int = SPEED_PROBE_CALLS) -> float:
+    """Microseconds per fastavro decode of a sample Deferral, the best of three rounds.
+
+    The machines these runs land on differ in per-core speed by 2x and more from day to day
+    (2026-11-30: every figure of bench.micro doubled). This call depends on no code of ours, so
+    it tells a slower machine from a slower commit."""
+    from ensync_kafka.codec import DEFERRAL, MAGIC
+
+    body = sample_deferral_value()[len(MAGIC) :]
+    schema = DEFERRAL._parsed
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fastavro.schemaless_reader(io.BytesIO(body), schema, None)
+        best = min(best, time.perf_counter() - start)
+    return round(best / calls * 1e6, 2)
+
+
 def environment(
     bootstrap: str, broker_pid: int | None, kafka_version: str | None, git_sha: str | None
 ) -> dict[str, Any]:
@@ -83,6 +116,8 @@ def environment(
         "git_sha": sha,
         "git_dirty": dirty,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "speed_probe_us": speed_probe_us(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "load_average_at_start": [round(load1, 2), round(load5, 2)],
         "platform": platform.platform(),

@@ -72,6 +72,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"load average at start {env['load_average_at_start'][0]} / "
         f"{env['load_average_at_start'][1]} (1 / 5 min); broker on this machine: "
         f"{'yes' if env['broker_on_this_machine'] else 'no'}",
+        f"- CPU: {env.get('cpu_model', 'not recorded')}; speed probe (a fastavro decode of a "
+        f"Deferral, no code of ours; lower is faster): {env.get('speed_probe_us', '—')} µs",
         f"- Python {env['python']}, confluent-kafka {env['confluent_kafka']}, "
         f"librdkafka {env['librdkafka']}, Kafka {env['kafka']}, fastavro {env['fastavro']}, "
         f"rocksdict {env['rocksdict']}",
