@@ -80,11 +80,13 @@ class DeferralAudit:
         name, queue, priority, attempt = d["name"], d["queue"], d["priority"], d["attempt"]
         middle = self._middle.get((reason, name, queue))
         if middle is None:
-            if len(self._middle) >= MAX_CACHED_MIDDLES:
-                self._middle.clear()
-            middle = self._middle[reason, name, queue] = b"".join(
+            middle = b"".join(
                 (avro_string(reason), _SOME, avro_string(name), _SOME, avro_string(queue))
             )
+            if len(middle) <= MAX_CACHED_MIDDLE_BYTES:
+                if len(self._middle) >= MAX_CACHED_MIDDLES:
+                    self._middle.clear()
+                self._middle[reason, name, queue] = middle
         priority_tier = self._priority_tier.get(priority)
         if priority_tier is None:  # validated at intake; kept correct for any int anyway
             priority_tier = _SOME + zigzag_long(priority) + self._tier
@@ -107,6 +109,8 @@ class DeferralAudit:
 
 MAX_CACHED_MIDDLES = 4096
 """Distinct (reason, name, queue) encodings a worker keeps; the cache starts over past it."""
+MAX_CACHED_MIDDLE_BYTES = 512
+"""Longer ones are not cached, so the cache stays within 2 MB whatever the reasons' length."""
 _CACHED_ATTEMPTS = 64
 _NONE, _SOME = b"\x00", b"\x02"
 """The branch of a ["null", X] union: null, or X follows."""

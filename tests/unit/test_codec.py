@@ -220,7 +220,7 @@ def test_deferral_audit_matches_the_general_encoder(event: str) -> None:
 
 
 def test_deferral_audit_caches_stay_byte_identical() -> None:
-    from ensync_kafka.audit import MAX_CACHED_MIDDLES
+    from ensync_kafka.audit import MAX_CACHED_MIDDLE_BYTES, MAX_CACHED_MIDDLES
 
     encode = DeferralAudit(tier="1m", actor="worker:w")
     for i in range(MAX_CACHED_MIDDLES + 50):  # past the cache's limit, so it starts over once
@@ -231,7 +231,7 @@ def test_deferral_audit_caches_stay_byte_identical() -> None:
             "attempt": i % 70,  # above and below the precomputed attempts
             "due_at": T0 + i,
         }
-        reason = f"retry {i % 3}" if i % 2 else f"unique {i}"
+        reason = f"retry {i % 3}" if i % 2 else f"unique {i}" + "." * (i % 7 * 100)
         general = AUDIT.encode(
             {
                 "defer_id": rec["defer_id"], "event": "DEFERRED", "at": T0, "reason": reason,
@@ -241,6 +241,9 @@ def test_deferral_audit_caches_stay_byte_identical() -> None:
             }
         )  # fmt: skip
         assert encode("DEFERRED", rec, T0, reason) == general, i
+    cached = encode._middle
+    assert 0 < len(cached) <= MAX_CACHED_MIDDLES
+    assert max(map(len, cached.values())) <= MAX_CACHED_MIDDLE_BYTES  # long reasons: not kept
 
 
 def test_timestamps_stay_int_milliseconds_in_python() -> None:
