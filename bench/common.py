@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,15 @@ def sample_request(i: int, delay: float, priority: int) -> DeferRequest:
         priority=priority,
         reason="bench",
     )
+
+
+def per_op_us(fn: Callable[[], Any], n: int) -> float:
+    """Microseconds per call of ``fn`` over ``n`` calls, after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
 
 
 def rate_per_s(n: int, seconds: float | None) -> float | None:

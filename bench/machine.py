@@ -9,7 +9,6 @@ import os
 import platform
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import fastavro
 import psutil
 import rocksdict
 
-from .common import ROOT
+from .common import ROOT, per_op_us
 from .samples import sample_deferral_value
 
 SPEED_PROBE_CALLS = 20_000
@@ -92,13 +91,11 @@ def speed_probe_us(calls: int = SPEED_PROBE_CALLS) -> float:
 
     body = sample_deferral_value()[len(MAGIC) :]
     schema = DEFERRAL._parsed
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fastavro.schemaless_reader(io.BytesIO(body), schema, None)
-        best = min(best, time.perf_counter() - start)
-    return round(best / calls * 1e6, 2)
+    best = min(
+        per_op_us(lambda: fastavro.schemaless_reader(io.BytesIO(body), schema, None), calls)
+        for _ in range(3)
+    )
+    return round(best, 2)
 
 
 def environment(

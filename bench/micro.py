@@ -33,9 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import fastavro
 
@@ -52,15 +50,8 @@ from ensync_kafka.codec import (
 from ensync_kafka.config import DEFAULT_STATE_CACHE_BYTES, DEFAULT_STATE_MEMTABLE_BYTES
 from ensync_kafka.state import _DUE, MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
 
+from .common import per_op_us
 from .samples import sample_deferral
-
-
-def _per_op_us(fn: Callable[[], Any], n: int) -> float:
-    fn()  # warm
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 def codec_costs(n: int) -> dict[str, float]:
@@ -95,24 +86,24 @@ def codec_costs(n: int) -> dict[str, float]:
         )
 
     return {
-        "Deferral encode (client only)": _per_op_us(lambda: DEFERRAL.encode(rec), n),
-        "Deferral encode, reused BytesIO (alternative)": _per_op_us(reuse_buffer, n),
-        "Deferral decode (worker: intake, fire)": _per_op_us(lambda: DEFERRAL.decode(value), n),
-        "Deferral decode, fastavro schemaless_reader (replaced)": _per_op_us(
+        "Deferral encode (client only)": per_op_us(lambda: DEFERRAL.encode(rec), n),
+        "Deferral encode, reused BytesIO (alternative)": per_op_us(reuse_buffer, n),
+        "Deferral decode (worker: intake, fire)": per_op_us(lambda: DEFERRAL.decode(value), n),
+        "Deferral decode, fastavro schemaless_reader (replaced)": per_op_us(
             lambda: fastavro.schemaless_reader(io.BytesIO(value[len(MAGIC) :]), parsed, None), n
         ),
-        "DeliveredEvent encode in full (replaced)": _per_op_us(
+        "DeliveredEvent encode in full (replaced)": per_op_us(
             lambda: DELIVERED.encode(delivered), n
         ),
-        "DeliveredEvent appended to Deferral bytes (worker: fire)": _per_op_us(
+        "DeliveredEvent appended to Deferral bytes (worker: fire)": per_op_us(
             lambda: delivered_from_deferral(value, now, "10s"), n
         ),
-        "AuditRecord audit_value (general; replaced in the worker)": _per_op_us(audit_record, n),
-        "AuditRecord DeferralAudit (worker: intake and fire)": _per_op_us(
+        "AuditRecord audit_value (general; replaced in the worker)": per_op_us(audit_record, n),
+        "AuditRecord DeferralAudit (worker: intake and fire)": per_op_us(
             lambda: deferral_audit(audit.DELIVERED, rec, now, "bench"), n
         ),
-        "StateMarker encode (worker: fire)": _per_op_us(lambda: MARKER.encode(marker), n),
-        "StateMarker decode (PartitionStore.apply, once per transaction)": _per_op_us(
+        "StateMarker encode (worker: fire)": per_op_us(lambda: MARKER.encode(marker), n),
+        "StateMarker decode (PartitionStore.apply, once per transaction)": per_op_us(
             lambda: MARKER.decode(marker_value), n
         ),
     }
@@ -151,12 +142,12 @@ def tombstone_costs(released: int) -> dict[str, float]:
         assert seek_to_first() == store.next_due_ms()
         reps = 50
         result = {
-            "next_due_ms (the store's scan floor)": _per_op_us(store.next_due_ms, reps),
-            "seek_to_first over the tombstones (no floor)": _per_op_us(seek_to_first, reps),
-            "due(now - 1 s, now) with nothing due": _per_op_us(
+            "next_due_ms (the store's scan floor)": per_op_us(store.next_due_ms, reps),
+            "seek_to_first over the tombstones (no floor)": per_op_us(seek_to_first, reps),
+            "due(now - 1 s, now) with nothing due": per_op_us(
                 lambda: store.due(now + released - 1000, now + released, 5000), reps
             ),
-            "overdue(priority 1) with nothing overdue": _per_op_us(
+            "overdue(priority 1) with nothing overdue": per_op_us(
                 lambda: store.overdue(1, now + released, 5000), reps
             ),
         }
@@ -193,7 +184,7 @@ def state_costs(held: int, batch: int = 200, rounds: int = 100) -> dict[str, flo
         value = DEFERRAL.encode(sample_deferral(1, now))
         hold(store, held, now, value)
         fresh = iter([uuid.uuid4().hex for _ in range(batch * rounds)])
-        knows = _per_op_us(lambda: store.knows(next(fresh)), batch * rounds - 1)
+        knows = per_op_us(lambda: store.knows(next(fresh)), batch * rounds - 1)
         tail = marker_tail("DELIVERED", now)
         intake = release = 0.0
         for _ in range(rounds):

@@ -63,7 +63,7 @@ def test_batch_histogram_exposes_what_prometheus_client_would() -> None:
         batch.observe_many(tier, part)
         for value in part:
             reference.labels(tier).observe(value)
-    batch.observe_many("1s", [-0.25])  # a clock step: counted at zero, as the old clamp did
+    batch.observe_many("1s", [-0.25])  # a clock step: counted at zero, never below
     reference.labels("1s").observe(0.0)
 
     def series(registry: CollectorRegistry) -> dict[str, str]:
