@@ -424,7 +424,10 @@ class PriorityConsumer:
         # librdkafka keeps a pause across revocation or loss and re-assignment (librdkafka
         # #1849): a partition paused for a full buffer would come back paused for good.
         if partitions:
-            consumer.resume(partitions)
+            try:
+                consumer.resume(partitions)
+            except KafkaException as exc:  # let out of a callback, no ``except`` would catch it
+                log.warning("consumer group %s: resume on assignment: %s", self.group, exc)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)

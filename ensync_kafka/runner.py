@@ -53,12 +53,22 @@ class Worker:
         self.errors: list[BaseException] = []
 
     def _run_tier(self, tier: TierWorker) -> None:
+        """Run one tier; its end by anything but a stop stops the others, so the process exits
+        (nonzero) to be restarted rather than living on without a tier."""
+        outcome = "escaped"
         try:
             tier.run()
+            outcome = "returned"
         except BaseException as exc:
+            outcome = "failed"
             log.exception("tier %s: worker failed", tier.tier.name)
             self.errors.append(exc)
-            self.stop_event.set()
+        finally:
+            if outcome == "escaped":  # no ``except`` catches it: see TierWorker._guarded
+                name = tier.tier.name
+                self.errors.append(BrokerError(f"tier {name}: ended by a non-exception"))
+            if outcome != "returned":
+                self.stop_event.set()
 
     def run(self, *, install_signal_handlers: bool = True) -> None:
         if install_signal_handlers:

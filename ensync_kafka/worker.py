@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,12 @@ MARKER_EXPIRY_INTERVAL_S = 30.0
 STATS_LOG_INTERVAL_S = 30.0
 SHUTDOWN_FLUSH_S = 5.0
 """How long a stopping tier waits for each producer's queued records (none after a commit)."""
+
+ASSIGN_COMMITTED_TIMEOUT_S = TXN_TIMEOUT_S
+"""How long an assignment's ``committed()`` waits for the group's open transactions (a previous
+owner's); past it the tier joins again (TierWorker._after_rebalance_failure)."""
+
+RebalanceCallback = Callable[[Consumer, list[TopicPartition]], None]
 
 
 @dataclass
@@ -108,6 +115,10 @@ class TierWorker:
         self.lock = threading.RLock()
         self.restoring: set[int] = set()
         self.rebalanced = False
+        self._rebalance_failure: BaseException | None = None
+        """What a rebalance callback raised, for step() to act on: never let out of the callback,
+        because confluent-kafka can then raise from consume() an object no ``except`` catches
+        (a failed ``committed()`` there comes out as a bare KafkaError, not an exception)."""
         self._sticky = StickyPartitions({})  # the priority topics' partitions are learnt in run()
         self.txn = TransactionalProducers(config, tier.name)
         self.consumer, self.restorer = self._new_consumers()
@@ -150,10 +161,22 @@ class TierWorker:
     def _subscribe(self) -> None:
         self.consumer.subscribe(
             [self.topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
+            on_assign=self._guarded(self._on_assign),
+            on_revoke=self._guarded(self._on_revoke),
+            on_lost=self._guarded(self._on_revoke),
         )
+
+    def _guarded(self, callback: RebalanceCallback) -> RebalanceCallback:
+        """``callback`` with what it raises kept for step() (see ``_rebalance_failure``)."""
+
+        def guarded(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            try:
+                callback(consumer, partitions)
+            except BaseException as exc:
+                if consumer is self.consumer and self._rebalance_failure is None:
+                    self._rebalance_failure = exc
+
+        return guarded
 
     def run(self) -> None:
         self.txn.init()
@@ -197,6 +220,9 @@ class TierWorker:
             self._replace_consumers()
         wait_s = self.due.wait_s(self.stores, now_ms())
         msgs = self.consumer.consume(self.config.worker.intake_batch_size, wait_s)
+        if self._rebalance_failure is not None:
+            self._after_rebalance_failure()  # drops msgs: nothing of them was committed
+            return
         now = now_ms()
         turn = Turn(started=time.monotonic())
         # Release first: the turn's intake work then overlaps the wait for the latest due time
@@ -532,7 +558,7 @@ class TierWorker:
             return
         # committed() waits for a previous owner's open transaction (require_stable), which is
         # also what makes the changelog below final for these partitions.
-        for tp in consumer.committed(partitions, timeout=TXN_TIMEOUT_S):
+        for tp in consumer.committed(partitions, timeout=ASSIGN_COMMITTED_TIMEOUT_S):
             if tp.offset >= 0:
                 self.positions[tp.partition] = tp.offset
         numbers = [tp.partition for tp in partitions]
@@ -576,6 +602,20 @@ class TierWorker:
         if numbers:
             log.info("tier %s: revoked %s", self.tier.name, numbers)
             self.hooks.on_revoked(self.tier.name, numbers)
+
+    def _after_rebalance_failure(self) -> None:
+        """A Kafka call in an assignment failed (``committed()`` or the changelog restore timed
+        out while the broker recovers, say): its partitions are not held, so the consumer must
+        not read on. Join again with new consumers, as a start-over does; anything else that an
+        assignment raised (a state directory that cannot be opened) stops the tier."""
+        exc, self._rebalance_failure = self._rebalance_failure, None
+        assert exc is not None
+        if not isinstance(exc, KafkaException):
+            raise exc
+        log.warning(
+            "tier %s: assignment failed (%s); joining the group again", self.tier.name, exc
+        )
+        self._replace_consumers()
 
     def _count_restored(self, n: int) -> None:
         self.stats.restored += n

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest, _kafka, _txn, ensure_topics
+from ensync_kafka import worker as worker_module
 from ensync_kafka._txn import (
     PRODUCER_RENEWALS_MAX,
     TRANSACTIONAL_PRODUCERS,
@@ -325,6 +326,41 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
         assert tier.stats.restarts == 1
 
     _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
+
+
+def test_an_assignment_whose_committed_offsets_time_out_is_joined_again(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new consumer's ``committed()`` times out in its assignment (as while a transaction
+    holding the group's offsets stays open): the tier joins again instead of dying, and delivers
+    each deferral once. Before, confluent-kafka raised that timeout from consume() as a bare
+    KafkaError, which ended the tier's thread past every ``except``."""
+    failures: list[BaseException | None] = []
+
+    def disturb(tier: TierWorker) -> None:
+        timeout = worker_module.ASSIGN_COMMITTED_TIMEOUT_S
+        monkeypatch.setattr(worker_module, "ASSIGN_COMMITTED_TIMEOUT_S", 1e-6)
+        recover = tier._after_rebalance_failure
+
+        def once_failed() -> None:
+            monkeypatch.setattr(worker_module, "ASSIGN_COMMITTED_TIMEOUT_S", timeout)
+            failures.append(tier._rebalance_failure)
+            recover()
+
+        monkeypatch.setattr(tier, "_after_rebalance_failure", once_failed)
+        strand(tier._consumer_watch)  # a rejoin with a new consumer: a new assignment
+
+    def settled(tier: TierWorker) -> None:
+        wait_until(
+            lambda: failures and bool(tier.stores),
+            timeout=WAIT_S,
+            what="the failed assignment, then the partitions back",
+        )
+        assert tier.stats.restarts == 2  # the stranding, then the failed assignment
+
+    _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
+    assert len(failures) == 1 and isinstance(failures[0], KafkaException), failures
+    assert "committed offsets" in str(failures[0])
 
 
 def test_a_producer_fenced_again_and_again_stops_the_worker(

@@ -3,11 +3,13 @@ abandoned after the grace instead of keeping the process alive (and useless) for
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
+from confluent_kafka import KafkaError
 
 from ensync_kafka import BrokerError, Worker
 from ensync_kafka.config import config_from_mapping
@@ -32,6 +34,10 @@ class _StandIn:
     def run(self) -> None:
         if self.behaviour == "fail":
             raise BrokerError("tier 1s: abort failed")
+        if self.behaviour == "non-exception":  # what confluent-kafka can raise: no except catches
+            set_error = ctypes.pythonapi.PyErr_SetObject
+            set_error.argtypes = [ctypes.py_object, ctypes.py_object]
+            set_error(KafkaError, KafkaError(KafkaError._TIMED_OUT, "committed offsets"))
         if self.behaviour == "wedged":  # ignores the stop, like a thread inside librdkafka
             self.release.wait(30)
             return
@@ -54,6 +60,18 @@ def test_a_failed_tier_stops_the_others_and_its_error_is_raised() -> None:
     with pytest.raises(BrokerError, match="abort failed"):
         worker.run(install_signal_handlers=False)
     assert worker.stop_event.is_set()
+
+
+def test_a_tier_ended_by_what_no_except_catches_stops_the_others_and_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    escaped: list[type] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_type))
+    worker = _worker("non-exception", "polite")
+    with pytest.raises(BrokerError, match="tier t0: ended by a non-exception"):
+        worker.run(install_signal_handlers=False)
+    assert worker.stop_event.is_set()
+    assert escaped == [KafkaError]
 
 
 def test_a_wedged_tier_is_abandoned_after_the_grace() -> None:
