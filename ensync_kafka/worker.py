@@ -56,6 +56,10 @@ ASSIGN_COMMITTED_TIMEOUT_S = TXN_TIMEOUT_S
 """How long an assignment's ``committed()`` waits for the group's open transactions (a previous
 owner's); past it the tier joins again (TierWorker._after_rebalance_failure)."""
 
+HANGING_HINT = (
+    "; if this repeats, a transaction may be left open on the group's offsets "
+    "(kafka-transactions.sh find-hanging; README, broker restarts)"
+)
 RebalanceCallback = Callable[[Consumer, list[TopicPartition]], None]
 
 
@@ -612,8 +616,10 @@ class TierWorker:
         assert exc is not None
         if not isinstance(exc, KafkaException):
             raise exc
+        err: KafkaError = exc.args[0]
+        hint = HANGING_HINT if err.code() == KafkaError._TIMED_OUT else ""
         log.warning(
-            "tier %s: assignment failed (%s); joining the group again", self.tier.name, exc
+            "tier %s: assignment failed (%s); joining the group again%s", self.tier.name, exc, hint
         )
         self._replace_consumers()
 

@@ -329,7 +329,11 @@ def test_a_stranded_tier_consumer_is_replaced_and_nothing_is_lost_or_repeated(
 
 
 def test_an_assignment_whose_committed_offsets_time_out_is_joined_again(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka_bootstrap: str,
+    unique_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The new consumer's ``committed()`` times out in its assignment (as while a transaction
     holding the group's offsets stays open): the tier joins again instead of dying, and delivers
@@ -361,6 +365,7 @@ def test_an_assignment_whose_committed_offsets_time_out_is_joined_again(
     _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
     assert len(failures) == 1 and isinstance(failures[0], KafkaException), failures
     assert "committed offsets" in str(failures[0])
+    assert "assignment failed" in caplog.text and "find-hanging" in caplog.text  # the hint
 
 
 def test_a_producer_fenced_again_and_again_stops_the_worker(
