@@ -219,6 +219,11 @@ class LocalBroker:
     def log_file(self) -> Path:
         return self.home / LOG_FILE
 
+    @property
+    def previous_log_file(self) -> Path:
+        """The log of the run before this one (a restart's)."""
+        return self.home / f"{LOG_FILE}.1"
+
     # public operations
 
     def status(self) -> BrokerInfo | None:
@@ -360,6 +365,8 @@ class LocalBroker:
             java, f"-Xms{self.heap}", f"-Xmx{self.heap}", *BROKER_JVM_OPTIONS, _log4j(),
             "-cp", _classpath(libs), "kafka.Kafka", str(data_dir / "server.properties"),
         ]  # fmt: skip
+        if self.log_file.exists():  # a restart's cause is in the run before: kept beside
+            self.log_file.replace(self.previous_log_file)
         with self.log_file.open("wb") as log:
             process = subprocess.Popen(
                 command,

@@ -279,51 +279,77 @@ class Received:
 class TopicReader:
     """A ``read_committed`` consumer assigned to every partition of ``topics`` from the start.
 
-    No consumer group membership (assign, not subscribe), so reading starts at once.
+    No consumer group membership (assign, not subscribe), so reading starts at once. Watched as
+    the product's consumers are (BrokerWatch): one stranded by a broker's restart (librdkafka
+    #5301) is replaced and reads on after the last record it got.
     """
 
     def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
+        self.bootstrap = bootstrap
         self.topics = list(topics)
         self.records: list[Received] = []
-        self.consumer = Consumer(
+        self.replaced = 0
+        self._next: dict[tuple[str, int], int] = {}
+        self._watch = BrokerWatch("test reader")
+        self.consumer = self._new_consumer()
+        metadata = self.consumer.list_topics(timeout=30).topics
+        self._partitions: list[tuple[str, int]] = []
+        for topic in self.topics:
+            if topic not in metadata or metadata[topic].error is not None:
+                raise AssertionError(f"topic {topic} does not exist")
+            self._partitions.extend((topic, p) for p in metadata[topic].partitions)
+        self._assign()
+
+    def _new_consumer(self) -> Consumer:
+        self._watch = BrokerWatch("test reader")
+        return Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                "bootstrap.servers": self.bootstrap,
                 "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": 50,
+                **self._watch.settings({}),
             }
         )
-        metadata = self.consumer.list_topics(timeout=30).topics
-        assignment = []
-        for topic in self.topics:
-            if topic not in metadata or metadata[topic].error is not None:
-                raise AssertionError(f"topic {topic} does not exist")
-            assignment.extend(
-                TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata[topic].partitions
-            )
-        self.consumer.assign(assignment)
+
+    def _assign(self) -> None:
+        self.consumer.assign(
+            [
+                TopicPartition(t, p, self._next.get((t, p), OFFSET_BEGINNING))
+                for t, p in self._partitions
+            ]
+        )
+
+    def state(self) -> str:
+        """For a failure message: what the reader knows of its broker."""
+        return f"reader replaced {self.replaced} times, brokers {self._watch.brokers}"
 
     def poll_once(self, timeout: float = POLL_S) -> None:
+        if self._watch.stranded:
+            stranded, self.consumer = self.consumer, self._new_consumer()
+            self.replaced += 1
+            self._assign()
+            threading.Thread(target=stranded.close, daemon=True).start()
         for msg in self.consumer.consume(1000, timeout):
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
                 raise KafkaException(err)
-            self.records.append(
-                Received(
-                    topic=msg.topic(),
-                    partition=msg.partition(),
-                    offset=msg.offset(),
-                    key=msg.key(),
-                    value=msg.value(),
-                    headers=tuple(msg.headers() or ()),
-                    timestamp_ms=msg.timestamp()[1],
-                    received_ms=now_ms(),
-                )
+            received = Received(
+                topic=msg.topic(),
+                partition=msg.partition(),
+                offset=msg.offset(),
+                key=msg.key(),
+                value=msg.value(),
+                headers=tuple(msg.headers() or ()),
+                timestamp_ms=msg.timestamp()[1],
+                received_ms=now_ms(),
             )
+            self.records.append(received)
+            self._next[(received.topic, received.partition)] = received.offset + 1
 
     def poll_until(
         self,

@@ -123,6 +123,10 @@ def test_restart_keeps_address_and_topics(home: Path) -> None:
     assert localbroker._wait_gone(int(str(before["pid"])), 10)
     metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=30)
     assert len(metadata.topics[topic].partitions) == 2
+    # The run before is logged beside, to its end (log4j's shutdown hook would cut it short).
+    previous = (home / "broker.log.1").read_text(errors="replace")
+    assert "Kafka Server started" in previous
+    assert "[TransactionCoordinator id=1] Shutdown complete" in previous
 
 
 def test_restart_without_a_broker_fails_clearly(home: Path) -> None:
