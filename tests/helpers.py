@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from ensync_kafka._kafka import STRANDED_REPORTS, BrokerWatch
+from ensync_kafka._kafka import STRANDED_REPORTS, BrokerWatch, retire
 from ensync_kafka.codec import AUDIT, DELIVERED, INVALID
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.consumer import PriorityConsumer
@@ -290,7 +290,6 @@ class TopicReader:
         self.records: list[Received] = []
         self.replaced = 0
         self._next: dict[tuple[str, int], int] = {}
-        self._watch = BrokerWatch("test reader")
         self.consumer = self._new_consumer()
         metadata = self.consumer.list_topics(timeout=30).topics
         self._partitions: list[tuple[str, int]] = []
@@ -331,7 +330,7 @@ class TopicReader:
             stranded, self.consumer = self.consumer, self._new_consumer()
             self.replaced += 1
             self._assign()
-            threading.Thread(target=stranded.close, daemon=True).start()
+            retire(stranded, "test reader")
         for msg in self.consumer.consume(1000, timeout):
             err = msg.error()
             if err is not None:
