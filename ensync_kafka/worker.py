@@ -171,13 +171,16 @@ class TierWorker:
         )
 
     def _guarded(self, callback: RebalanceCallback) -> RebalanceCallback:
-        """``callback`` with what it raises kept for step() (see ``_rebalance_failure``)."""
+        """``callback`` with what it raises kept for step() (see ``_rebalance_failure``), and
+        never run for a replaced consumer closing in the background (_replace_consumers)."""
 
         def guarded(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            if consumer is not self.consumer:
+                return
             try:
                 callback(consumer, partitions)
             except BaseException as exc:
-                if consumer is self.consumer and self._rebalance_failure is None:
+                if self._rebalance_failure is None:
                     self._rebalance_failure = exc
 
         return guarded
@@ -555,8 +558,6 @@ class TierWorker:
     # -- assignment and restore -----------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if consumer is not self.consumer:
-            return  # a replaced consumer closing in the background (_replace_consumers)
         self.rebalanced = True
         if not partitions:
             return
@@ -593,8 +594,6 @@ class TierWorker:
         self.hooks.on_assigned(self.tier.name, numbers)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if consumer is not self.consumer:
-            return  # a replaced consumer closing in the background (_replace_consumers)
         numbers = [tp.partition for tp in partitions]
         with self.lock:
             for p in numbers:
