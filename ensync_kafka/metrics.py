@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -127,6 +127,7 @@ class WorkerMetrics:
         *,
         lag: Callable[[TierWorker], dict[int, int]],
         ready: Callable[[], bool],
+        open_transactions: Callable[[], Mapping[tuple[str, int], float]] = dict,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -176,6 +177,7 @@ class WorkerMetrics:
             ["tier", "phase"], buckets=PHASE_BUCKETS_S, registry=r,
         )  # fmt: skip
         r.register(_StateCollector(tiers, lag, ready))
+        r.register(_OpenTransactions(open_transactions))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -260,6 +262,27 @@ class MetricsHooks(WorkerHooks):
         for child, (_, seconds) in zip(children, phases.items(), strict=True):
             child.observe(seconds)
         self.inner.on_phases(tier, phases)
+
+
+class _OpenTransactions(Collector):
+    """What the worker's StabilityWatch (hanging.py) saw at its latest check."""
+
+    def __init__(self, ages: Callable[[], Mapping[tuple[str, int], float]]) -> None:
+        self._ages = ages
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "ensync_open_transaction_seconds",
+            "How long a changelog partition's last stable offset has stood below its end: a "
+            "transaction open there (hanging past worker.transaction_timeout plus a minute).",
+            labels=["topic", "partition"],
+        )
+        for (topic, p), age in sorted(self._ages().items()):
+            family.add_metric([topic, str(p)], age)
+        yield family
 
 
 class _StateCollector(Collector):

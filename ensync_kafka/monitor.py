@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from .codec import DEFERRAL
 from .config import Config
-from .exceptions import ConfigError
+from .exceptions import BrokerError, ConfigError
+from .hanging import HANGING_MARGIN_S, Partition, StabilityWatch
 from .hooks import WorkerHooks
 from .metrics import DeadLetterWatch, LagProbe, MetricsHooks, WorkerMetrics, held_count
 from .models import iso_ms, now_ms
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ensync_kafka.monitor")
 
 LOOP_INTERVAL_S = 0.5
+STABILITY_CHECK_INTERVAL_S = 10.0
+"""How often the worker looks for a transaction left open on its tiers' changelog partitions."""
 MAX_SCAN = 50_000
 """Timers one upcoming request reads per partition at most (filters may skip many)."""
 MAX_LIMIT = 1000
@@ -69,8 +72,14 @@ class Monitor:
         self.worker_id = config.worker.id
         self.started_at_ms = now_ms()
         self.lag_probe = LagProbe(config)
+        self.stability = StabilityWatch(
+            config, config.worker.transaction_timeout + HANGING_MARGIN_S
+        )
         self.metrics = WorkerMetrics(
-            lambda: self.worker.tiers, lag=self.lag_probe.lag, ready=lambda: self.ready()[0]
+            lambda: self.worker.tiers,
+            lag=self.lag_probe.lag,
+            ready=lambda: self.ready()[0],
+            open_transactions=lambda: self.stability.ages,
         )
         port = 0 if m.port == "auto" else m.port
         try:
@@ -116,7 +125,7 @@ class Monitor:
 
     def _run(self) -> None:
         last: WorkerInfo | None = None
-        next_announce = 0.0
+        next_announce = next_stability_check = 0.0
         interval = self.config.monitor.announce_interval
         while not self._stop.is_set():
             try:
@@ -131,9 +140,26 @@ class Monitor:
                     last, next_announce = info, time.monotonic() + interval
                 if self._dead is not None:
                     self._dead.poll()
+                if time.monotonic() >= next_stability_check:
+                    next_stability_check = time.monotonic() + STABILITY_CHECK_INTERVAL_S
+                    self._check_stability()
             except Exception:  # monitoring must never take the worker down
                 log.exception("monitor loop")
             self._stop.wait(LOOP_INTERVAL_S)
+
+    def _check_stability(self) -> None:
+        """Only the changelog partitions of the tier partitions held here: each is written by the
+        one worker that owns it, so an open transaction there that outlives our transaction
+        timeout is hanging, and every turn that holds or releases something writes one."""
+        partitions: list[Partition] = []
+        for tier in self.worker.tiers:
+            with tier.lock:
+                owned = set(tier.stores) | tier.restoring
+            partitions.extend((tier.state_topic, p) for p in sorted(owned))
+        try:
+            self.stability.check(partitions)
+        except BrokerError as exc:
+            log.debug("stability check: %s", exc)
 
     def snapshot(self) -> WorkerInfo:
         tiers: dict[str, tuple[int, ...]] = {}

@@ -30,6 +30,11 @@ class TopicNames:
     def state(self, tier: str) -> str:
         return f"{self.prefix}.state.{tier}"
 
+    def worker_group(self, tier: str) -> str:
+        """The consumer group of a tier's workers (a group, not a topic: named here all the same,
+        as tools that look at a tier's offsets need it)."""
+        return f"{self.prefix}.worker.{tier}"
+
     def priority(self, queue: str, priority: int) -> str:
         return f"{self.prefix}.{queue}.p{priority}"
 

@@ -58,7 +58,7 @@ owner's); past it the tier joins again (TierWorker._after_rebalance_failure)."""
 
 HANGING_HINT = (
     "; if this repeats, a transaction may be left open on the group's offsets "
-    "(kafka-transactions.sh find-hanging; README, broker restarts)"
+    "(`ensync-kafka topics hanging` names it; README, broker restarts)"
 )
 RebalanceCallback = Callable[[Consumer, list[TopicPartition]], None]
 
@@ -139,7 +139,7 @@ class TierWorker:
         consumer = Consumer(
             {
                 **client,
-                "group.id": f"{self.config.prefix}.worker.{self.tier.name}",
+                "group.id": self.names.worker_group(self.tier.name),
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",

@@ -1,4 +1,4 @@
-"""Pipeline commands: ``topics create``, ``worker``, ``defer``, ``schedule``."""
+"""Pipeline commands: ``topics create`` and ``hanging``, ``worker``, ``defer``, ``schedule``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 
 from ..client import DeferClient
 from ..config import WorkerConfig, parse_duration
+from ..hanging import find_hanging
 from ..models import Receipt
 from ..runner import Worker
 from ..topics import ensure_topics
@@ -34,6 +35,52 @@ def topics_create(config_path: str | None) -> None:
         click.echo(f"MISMATCH  {problem}", err=True)
     if not report.ok:
         raise click.ClickException(f"{len(report.mismatches)} topic(s) differ from the config")
+
+
+@topics.command("hanging", context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    help="Also check this consumer group's offsets (repeatable; the tiers' groups always are)",
+)
+@click.option(
+    "--max-age",
+    default=None,
+    help="An open transaction older than this is hanging, e.g. 15m "
+    "[default: the broker's transaction.max.timeout.ms]",
+)
+def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: str | None) -> None:
+    """Find transactions left open on the topics' partitions (and the groups' offsets) for
+    longer than any transaction may last, and print the command that ends each."""
+    try:
+        limit = None if max_age is None else parse_duration(max_age)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-age") from None
+    config = load(config_path)
+    report = find_hanging(config, groups=groups, max_age_s=limit)
+    bootstrap = config.kafka.client_settings().get("bootstrap.servers", "BOOTSTRAP")
+    hanging = report.hanging
+    click.echo(
+        f"checked {len(report.checked)} partitions; a transaction open longer than "
+        f"{report.max_age_s:g} s is hanging"
+    )
+    for txn in report.open:
+        age = txn.age_s(report.at_ms)
+        since = "unknown" if age is None else f"{age:.1f} s"
+        label = "HANGING" if txn in hanging else "open"
+        click.echo(
+            f"{label:8} {txn.topic}[{txn.partition}] from offset {txn.start_offset} "
+            f"(end {txn.end_offset}), open for {since}"
+        )
+        if txn in hanging:
+            click.echo(f"         {txn.abort_command(str(bootstrap))}")
+    if hanging:
+        raise click.ClickException(
+            f"{len(hanging)} hanging transaction(s): end each with the command shown, then "
+            "restart the affected tiers' workers with their state directories removed (README)"
+        )
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

@@ -7,6 +7,8 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from confluent_kafka import Producer
+
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.topics import TopicNames, topic_specs
 from tests.helpers import TopicReader, cli_command, cli_env, pipeline_mapping, write_config
@@ -215,3 +217,42 @@ def test_config_errors_and_unknown_tier_fail_clearly(
     )
     assert result.returncode != 0
     assert "no such config file" in result.stderr
+
+
+def test_topics_hanging_names_an_old_open_transaction_and_how_to_end_it(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    mapping = pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state")
+    config_path = write_config(tmp_path / "ensync.yaml", mapping)
+    ok(run(kafka_bootstrap, "topics", "create", "--config", str(config_path)))
+    calm = ok(run(kafka_bootstrap, "topics", "hanging", "--config", str(config_path)))
+    assert "is hanging" in calm.splitlines()[0]
+    assert unique_prefix not in calm  # nothing of ours open
+
+    changelog = TopicNames(unique_prefix).state("1s")
+    producer = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{unique_prefix}.left-open"}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(changelog, b"open", b"k", partition=1)
+    assert producer.flush(30) == 0
+    try:
+        young = ok(run(kafka_bootstrap, "topics", "hanging", "--config", str(config_path)))
+        assert f"open     {changelog}[1] from offset 0 (end 1), open for" in young
+        # Any transaction older than --max-age counts as hanging: exit 1, and the way out.
+        old = run(
+            kafka_bootstrap, "topics", "hanging", "--config", str(config_path), "--max-age", "0s"
+        )
+        assert old.returncode == 1, old.stdout + old.stderr
+        assert f"HANGING  {changelog}[1] from offset 0" in old.stdout
+        assert (
+            f"kafka-transactions.sh --bootstrap-server {kafka_bootstrap} abort --topic "
+            f"{changelog} --partition 1 --start-offset 0" in old.stdout
+        )
+        # (__consumer_offsets is shared: other transactions may be open on its partitions)
+        assert "hanging transaction(s): end each with the command shown" in old.stderr
+        bad = run(kafka_bootstrap, "topics", "hanging", "--max-age", "soon")
+        assert bad.returncode == 2 and "--max-age" in bad.stderr
+    finally:
+        producer.abort_transaction(30)

@@ -8,10 +8,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from ensync_kafka import DeferClient, TurnPhases, Worker, ensure_topics
+from ensync_kafka import DeferClient, TurnPhases, Worker, ensure_topics, monitor
 from ensync_kafka.config import config_from_mapping
+from tests.helpers import wait_until
 
 WAIT_S = 30.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -33,7 +35,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_metrics_move_as_deferrals_flow(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = config_from_mapping(
         {
@@ -95,6 +97,32 @@ def test_metrics_move_as_deferrals_flow(
         assert ("ensync_consumer_lag", (("partition", "0"), ("tier", "1m"))) in now
         assert _value(now, "ensync_tier_restarts_total", tier="1s") == 0
         assert _value(now, "ensync_ready") == 1
+        assert not any(name == "ensync_open_transaction_seconds" for name, _ in now)
+
+        # A transaction left open on a changelog partition shows, and goes once it ends.
+        monkeypatch.setattr(monitor, "STABILITY_CHECK_INTERVAL_S", 0.2)
+        changelog = {"topic": f"{unique_prefix}.state.1m", "partition": "0"}
+        producer = Producer(
+            {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{unique_prefix}.foreign"}
+        )
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        producer.produce(changelog["topic"], b"open", b"k", partition=0)
+        assert producer.flush(30) == 0
+        wait_until(
+            lambda: _value(_scrape(port), "ensync_open_transaction_seconds", **changelog) > 0.5,
+            timeout=WAIT_S,
+            what="the open transaction's age on the changelog partition",
+        )
+        producer.commit_transaction(30)
+        wait_until(
+            lambda: (
+                ("ensync_open_transaction_seconds", tuple(sorted(changelog.items())))
+                not in _scrape(port)
+            ),
+            timeout=WAIT_S,
+            what="the gauge to drop the committed transaction",
+        )
     finally:
         client.close()
         worker.stop()

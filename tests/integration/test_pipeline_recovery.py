@@ -365,7 +365,7 @@ def test_an_assignment_whose_committed_offsets_time_out_is_joined_again(
     _assert_exactly_once_across(kafka_bootstrap, unique_prefix, tmp_path, disturb, settled)
     assert len(failures) == 1 and isinstance(failures[0], KafkaException), failures
     assert "committed offsets" in str(failures[0])
-    assert "assignment failed" in caplog.text and "find-hanging" in caplog.text  # the hint
+    assert "assignment failed" in caplog.text and "topics hanging" in caplog.text  # the hint
 
 
 def test_a_producer_fenced_again_and_again_stops_the_worker(

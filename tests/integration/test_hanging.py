@@ -1,0 +1,139 @@
+"""Open and hanging transactions found on a real broker (hanging.py, ``topics hanging``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from ensync_kafka import ensure_topics
+from ensync_kafka.hanging import (
+    OFFSETS_TOPIC,
+    StabilityWatch,
+    find_hanging,
+    offsets_partition,
+    open_transactions,
+)
+from ensync_kafka.models import now_ms
+from ensync_kafka.topics import TopicNames
+from tests.helpers import pipeline_config, wait_until
+
+WAIT_S = 30.0
+OPEN_TXN_TIMEOUT_MS = 120_000
+"""Long enough that no transaction of these tests is ended by its coordinator meanwhile."""
+
+
+@contextmanager
+def open_transaction(bootstrap: str) -> Iterator[Producer]:
+    """A transaction begun and left open; committed on the way out."""
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "transactional.id": f"hanging-test-{uuid.uuid4().hex}",
+            "transaction.timeout.ms": OPEN_TXN_TIMEOUT_MS,
+        }
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    try:
+        yield producer
+    finally:
+        producer.commit_transaction(30)
+
+
+def test_an_open_transaction_is_found_from_its_first_record(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path)
+    assert ensure_topics(config).ok
+    topic = TopicNames(unique_prefix).state("1s")
+    partitions = [(topic, 0), (topic, 1)]
+    plain = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    for i in range(3):
+        plain.produce(topic, b"committed", f"k{i}".encode(), partition=0)
+    assert plain.flush(30) == 0
+    assert open_transactions(config, partitions) == []
+
+    before = now_ms()
+    with open_transaction(kafka_bootstrap) as txn:
+        for i in range(2):
+            txn.produce(topic, b"open", f"t{i}".encode(), partition=0)
+        assert txn.flush(30) == 0
+        found = open_transactions(config, partitions)
+        assert [(t.topic, t.partition, t.start_offset, t.end_offset) for t in found] == [
+            (topic, 0, 3, 5)
+        ]
+        assert found[0].started_ms is not None and before <= found[0].started_ms <= now_ms()
+    # The commit's markers are written after commit_transaction returns.
+    wait_until(
+        lambda: open_transactions(config, partitions) == [],
+        timeout=WAIT_S,
+        what="the committed transaction's partition to be stable again",
+    )
+
+
+def test_pending_offsets_are_found_in_their_groups_offsets_partition(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, admin: AdminClient
+) -> None:
+    """What stalled a tier after a broker restart: offsets committed in a transaction whose
+    markers never came. Three groups on different partitions of __consumer_offsets, so the
+    partition found is Kafka's, not a lucky guess."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path)
+    assert ensure_topics(config).ok
+    count = len(admin.list_topics(OFFSETS_TOPIC, timeout=10).topics[OFFSETS_TOPIC].partitions)
+    groups: dict[int, str] = {}
+    while len(groups) < min(3, count):
+        group = f"{unique_prefix}.app.{uuid.uuid4().hex[:6]}"
+        groups.setdefault(offsets_partition(group, count), group)
+    source = TopicNames(unique_prefix).defer("1s")
+    with open_transaction(kafka_bootstrap) as txn:
+        for group in groups.values():
+            metadata = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+            txn.send_offsets_to_transaction(
+                [TopicPartition(source, 0, 1)], metadata.consumer_group_metadata(), 30
+            )
+            metadata.close()
+        report = find_hanging(config, groups=groups.values(), max_age_s=0.0)
+        hanging = {(t.topic, t.partition) for t in report.hanging}
+        for p in groups:
+            assert (OFFSETS_TOPIC, p) in report.checked
+            assert (OFFSETS_TOPIC, p) in hanging, f"{groups[p]} -> partition {p}: {report}"
+        # Past the broker's transaction.max.timeout.ms (15 min) nothing here is hanging.
+        assert find_hanging(config, groups=groups.values()).hanging == []
+
+
+def test_the_watch_reports_a_stable_offset_that_stands_still(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path)
+    assert ensure_topics(config).ok
+    topic = TopicNames(unique_prefix).state("1s")
+    partitions = [(topic, p) for p in range(3)]
+    watch = StabilityWatch(config, hanging_after_s=0.5)
+    assert watch.check(partitions) == {}
+    with open_transaction(kafka_bootstrap) as txn:
+        txn.produce(topic, b"open", b"k", partition=2)
+        assert txn.flush(30) == 0
+        first = watch.check(partitions)
+        assert list(first) == [(topic, 2)]
+        time.sleep(1.0)  # the age itself is under test: time has to pass
+        with caplog.at_level(logging.ERROR, logger="ensync_kafka.hanging"):
+            second = watch.check(partitions)
+        assert second[(topic, 2)] >= first[(topic, 2)] + 1.0
+        assert f"--topic {topic} --partition 2 --start-offset 0" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="ensync_kafka.hanging"):
+            watch.check(partitions)
+        assert caplog.text == ""  # once per transaction
+    wait_until(
+        lambda: watch.check(partitions) == {},
+        timeout=WAIT_S,
+        what="the watch to see the partition stable again",
+    )
