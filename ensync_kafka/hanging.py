@@ -14,11 +14,13 @@ transaction's first) older than the broker's ``transaction.max.timeout.ms``. Kaf
 from __future__ import annotations
 
 import logging
+import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     IsolationLevel,
     KafkaError,
@@ -43,6 +45,8 @@ OFFSETS_TOPIC = "__consumer_offsets"
 KAFKA_MAX_TRANSACTION_TIMEOUT_S = 900.0
 """Kafka's default ``transaction.max.timeout.ms``: no transaction may stay open longer."""
 ADMIN_TIMEOUT_S = 15.0
+OFFSETS_READ_TIMEOUT_S = 60.0
+"""How long reading one partition of ``__consumer_offsets`` (compacted) may take."""
 OFFSETS_ATTEMPTS = 5
 OFFSETS_RETRY_S = 0.5
 _LEADER_MOVING = frozenset(
@@ -63,6 +67,12 @@ every 10 s (``transaction.abort.timed.out.transaction.cleanup.interval.ms``) and
 their abort markers."""
 
 Partition = tuple[str, int]
+OffsetCommit = tuple[str, str, int, int | None]
+
+
+def _failed(what: str, exc: KafkaException) -> BrokerError:
+    err: KafkaError = exc.args[0]
+    return BrokerError(f"{what}: {err.str()}", code=err.code())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,6 +103,8 @@ class HangingReport:
     max_age_s: float
     """A transaction open longer than this is hanging."""
     open: list[OpenTransaction]
+    groups: dict[str, int] = field(default_factory=dict)
+    """The ``__consumer_offsets`` partition of each group checked."""
     at_ms: int = field(default_factory=now_ms)
 
     @property
@@ -140,7 +152,7 @@ def stable_offsets(
             err = exc.args[0]
             again = err.retriable() or err.code() in _LEADER_MOVING
             if not again or attempt == OFFSETS_ATTEMPTS - 1:
-                raise BrokerError(f"listing offsets: {err.str()}", code=err.code()) from exc
+                raise _failed("listing offsets", exc) from exc
             time.sleep(OFFSETS_RETRY_S)
     raise AssertionError("unreachable")
 
@@ -200,48 +212,160 @@ def max_transaction_timeout_s(admin: AdminClient) -> float:
     return KAFKA_MAX_TRANSACTION_TIMEOUT_S
 
 
-def project_partitions(
-    config: Config, admin: AdminClient, groups: Iterable[str] = ()
-) -> list[Partition]:
-    """Every partition of the configuration's topics that exists, and the ``__consumer_offsets``
-    partition of each tier's group and of ``groups``."""
+def offset_commit_record(key: bytes | None, value: bytes | None) -> OffsetCommit | None:
+    """(group, topic, partition, offset or None for a deletion) of an offset commit record of
+    ``__consumer_offsets``; None for its other records. The key (versions 0 and 1) is the group,
+    topic and partition; every value version starts with the offset after its own version."""
+    if key is None or len(key) < 2 or struct.unpack_from(">h", key)[0] not in (0, 1):
+        return None
+    pos = 2
+    strings = []
+    for _ in range(2):
+        (n,) = struct.unpack_from(">h", key, pos)
+        strings.append(key[pos + 2 : pos + 2 + n].decode())
+        pos += 2 + n
+    (partition,) = struct.unpack_from(">i", key, pos)
+    offset = None if value is None else struct.unpack_from(">q", value, 2)[0]
+    return strings[0], strings[1], partition, offset
+
+
+def committed_before(
+    config: Config, group: str, topic: str, offsets_partition_number: int, before: int
+) -> dict[int, int]:
+    """The positions ``group`` had committed for ``topic``'s partitions in the records of its
+    ``__consumer_offsets`` partition before offset ``before``. Read while the transaction that
+    starts at ``before`` is still open: the log cleaner keeps the last record of each key below
+    the last stable offset until then."""
+    consumer = reader(config, "hanging-offsets", {"enable.partition.eof": True})
+    positions: dict[int, int] = {}
+    try:
+        consumer.assign([TopicPartition(OFFSETS_TOPIC, offsets_partition_number, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + OFFSETS_READ_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                err = msg.error()
+                offset = msg.offset()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        return positions
+                    continue
+                if offset is not None and offset >= before:
+                    return positions
+                commit = offset_commit_record(msg.key(), msg.value())
+                if commit is None or commit[0] != group or commit[1] != topic:
+                    continue
+                if commit[3] is None:
+                    positions.pop(commit[2], None)
+                else:
+                    positions[commit[2]] = commit[3]
+        raise BrokerError(f"reading {OFFSETS_TOPIC}[{offsets_partition_number}] timed out")
+    finally:
+        consumer.close()
+
+
+def partition_counts(admin: AdminClient) -> dict[str, int]:
+    """Every topic of the cluster (``__consumer_offsets`` among them) and its partition count."""
     try:
         topics = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
     except KafkaException as exc:
-        raise BrokerError(f"listing topics: {exc.args[0].str()}", code=exc.args[0].code()) from exc
-    out = {
-        (spec.name, p)
-        for spec in topic_specs(config)
-        if spec.name in topics and topics[spec.name].error is None
-        for p in topics[spec.name].partitions
-    }
-    offsets = topics.get(OFFSETS_TOPIC)
-    if offsets is not None and offsets.partitions:
-        names = TopicNames(config.prefix)
-        all_groups = [*(names.worker_group(t.name) for t in config.tiers), *groups]
-        count = len(offsets.partitions)
-        out.update((OFFSETS_TOPIC, offsets_partition(g, count)) for g in all_groups)
-    return sorted(out)
+        raise _failed("listing topics", exc) from exc
+    return {name: len(t.partitions) for name, t in topics.items() if t.error is None}
+
+
+def offsets_partitions(
+    config: Config, counts: Mapping[str, int], groups: Iterable[str] = ()
+) -> dict[str, int]:
+    """The ``__consumer_offsets`` partition of each tier's group and of ``groups`` (none before
+    the first group commits: the topic does not exist yet)."""
+    names = TopicNames(config.prefix)
+    n = counts.get(OFFSETS_TOPIC, 0)
+    all_groups = [*(names.worker_group(t.name) for t in config.tiers), *groups]
+    return {g: offsets_partition(g, n) for g in all_groups} if n else {}
+
+
+def project_partitions(config: Config, counts: Mapping[str, int]) -> list[Partition]:
+    """Every partition of the configuration's topics that exists."""
+    specs = topic_specs(config)
+    return sorted((s.name, p) for s in specs if s.name in counts for p in range(counts[s.name]))
 
 
 def find_hanging(
     config: Config, *, groups: Iterable[str] = (), max_age_s: float | None = None
 ) -> HangingReport:
-    """The open transactions on the project's partitions; those older than ``max_age_s`` (the
+    """The open transactions on the configuration's partitions and on the ``__consumer_offsets``
+    partitions of the tiers' groups and of ``groups``; those older than ``max_age_s`` (the
     broker's ``transaction.max.timeout.ms`` by default) are hanging."""
     admin = AdminClient(config.kafka.client_settings())
-    partitions = project_partitions(config, admin, groups)
+    counts = partition_counts(admin)
+    by_group = offsets_partitions(config, counts, groups)
+    partitions = sorted(
+        {*project_partitions(config, counts), *((OFFSETS_TOPIC, p) for p in by_group.values())}
+    )
     limit = max_transaction_timeout_s(admin) if max_age_s is None else max_age_s
     return HangingReport(
-        checked=partitions, max_age_s=limit, open=open_transactions(config, partitions, admin)
+        checked=partitions,
+        max_age_s=limit,
+        open=open_transactions(config, partitions, admin),
+        groups=by_group,
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TierRepair:
+    """What a tier needs once the hanging transactions it wrote are aborted. Its workers applied
+    the aborted turn to their state (its commit had returned), and later turns committed the
+    group's offsets past that turn's intake: so the state is rebuilt from the changelog (the
+    state directories removed), and the group is rewound to where it stood before the first
+    hanging transaction, so that the aborted turn's intake is read again. Everything read again
+    that a later turn held or delivered is dropped as a duplicate."""
+
+    tier: str
+    group: str
+    topic: str
+    rewind: dict[int, int | None] | None
+    """Each tier partition -> the offset its group had committed before the hanging
+    transaction on its offsets (None: nothing, so the earliest); None when none hangs there."""
+
+    def commands(self, bootstrap: str) -> list[str]:
+        base = f"kafka-consumer-groups.sh --bootstrap-server {bootstrap} --group {self.group}"
+        return [
+            f"{base} --reset-offsets --topic {self.topic}:{p} "
+            + ("--to-earliest" if offset is None else f"--to-offset {offset}")
+            + " --execute"
+            for p, offset in sorted((self.rewind or {}).items())
+        ]
+
+
+def plan_repairs(config: Config, report: HangingReport) -> list[TierRepair]:
+    """What each tier with a hanging transaction on its changelog needs (each tier's turns are
+    the only transactions that write there). Its group's offsets are rewound whether or not the
+    broker still calls them pending: a later commit of the same producer can have materialized
+    them, while the aborted turn's intake is then lost to the rebuilt state unless read again.
+    Call while the transactions still hang (committed_before)."""
+    names = TopicNames(config.prefix)
+    hanging = {(t.topic, t.partition): t for t in report.hanging}
+    repairs = []
+    for tier in config.tiers:
+        if not any(t == names.state(tier.name) for t, _ in hanging):
+            continue
+        group, topic = names.worker_group(tier.name), names.defer(tier.name)
+        part = report.groups.get(group)
+        on_offsets = hanging.get((OFFSETS_TOPIC, part)) if part is not None else None
+        rewind: dict[int, int | None] | None = None
+        if on_offsets is not None and part is not None:
+            found = committed_before(config, group, topic, part, on_offsets.start_offset)
+            rewind = {p: found.get(p) for t, p in report.checked if t == topic}
+        repairs.append(TierRepair(tier=tier.name, group=group, topic=topic, rewind=rewind))
+    return repairs
 
 
 class StabilityWatch:
     """How long each watched partition's last stable offset has stood still below its end:
     under load it moves with every commit, so one that stands still for longer than any
     transaction may last marks a hanging transaction. Logged once per transaction, as an error
-    naming the command that ends it."""
+    naming the command that ends it. Only where one producer writes (a tier's changelog
+    partitions): elsewhere a slow but healthy transaction of another application would look the
+    same."""
 
     def __init__(self, config: Config, hanging_after_s: float) -> None:
         self._config = config
@@ -275,9 +399,9 @@ class StabilityWatch:
                 )
                 log.error(
                     "%s[%d]: a transaction has stayed open from offset %d for %.0f s, longer than "
-                    "any of ours may (hanging: its readers and the tier stall). End it with `%s`, "
-                    "then restart this tier's workers with their state directories removed "
-                    "(README)",
+                    "any of ours may (hanging: its readers and the tier stall). It ends with `%s`; "
+                    "`ensync-kafka topics hanging` lists every partition it holds and what the "
+                    "tier needs after it (README)",
                     topic,
                     p,
                     lso,

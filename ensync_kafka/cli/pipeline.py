@@ -10,7 +10,7 @@ import click
 
 from ..client import DeferClient
 from ..config import WorkerConfig, parse_duration
-from ..hanging import find_hanging
+from ..hanging import find_hanging, plan_repairs
 from ..models import Receipt
 from ..runner import Worker
 from ..topics import ensure_topics
@@ -76,11 +76,26 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
         )
         if txn in hanging:
             click.echo(f"         {txn.abort_command(str(bootstrap))}")
-    if hanging:
-        raise click.ClickException(
-            f"{len(hanging)} hanging transaction(s): end each with the command shown, then "
-            "restart the affected tiers' workers with their state directories removed (README)"
+    if not hanging:
+        return
+    repairs = plan_repairs(config, report)
+    if repairs:
+        click.echo(
+            "To recover: stop every worker of the tiers below; run the abort commands above; "
+            "remove those workers' state directories (worker.state_dir/<prefix>/<worker id>/"
+            "<tier>); run each tier's commands below; start the workers again."
         )
+    for repair in repairs:
+        commands = repair.commands(str(bootstrap))
+        click.echo(
+            f"  tier {repair.tier} (group {repair.group})" + ("" if commands else ": no rewind")
+        )
+        for command in commands:
+            click.echo(f"         {command}")
+    raise click.ClickException(
+        f"{len(hanging)} hanging transaction(s): end each with the command shown (README, "
+        '"A single broker\'s restart can leave a hanging transaction")'
+    )
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

@@ -250,6 +250,8 @@ def test_topics_hanging_names_an_old_open_transaction_and_how_to_end_it(
             f"kafka-transactions.sh --bootstrap-server {kafka_bootstrap} abort --topic "
             f"{changelog} --partition 1 --start-offset 0" in old.stdout
         )
+        assert "To recover: stop every worker of the tiers below" in old.stdout
+        assert f"  tier 1s (group {unique_prefix}.worker.1s)" in old.stdout
         # (__consumer_offsets is shared: other transactions may be open on its partitions)
         assert "hanging transaction(s): end each with the command shown" in old.stderr
         bad = run(kafka_bootstrap, "topics", "hanging", "--max-age", "soon")

@@ -20,6 +20,7 @@ from ensync_kafka.hanging import (
     find_hanging,
     offsets_partition,
     open_transactions,
+    plan_repairs,
 )
 from ensync_kafka.models import now_ms
 from ensync_kafka.topics import TopicNames
@@ -137,3 +138,33 @@ def test_the_watch_reports_a_stable_offset_that_stands_still(
         timeout=WAIT_S,
         what="the watch to see the partition stable again",
     )
+
+
+def test_a_repair_rewinds_the_tier_group_to_before_the_hanging_offsets(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The positions printed are those the group had committed before the transaction that
+    hangs on its offsets: what the aborted turn started reading from."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path)
+    assert ensure_topics(config).ok
+    names = TopicNames(unique_prefix)
+    group, topic = names.worker_group("1s"), names.defer("1s")
+    committer = Consumer(
+        {"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    committer.commit(
+        offsets=[TopicPartition(topic, 0, 5), TopicPartition(topic, 1, 7)], asynchronous=False
+    )
+    committer.commit(offsets=[TopicPartition(topic, 0, 9)], asynchronous=False)
+    with open_transaction(kafka_bootstrap) as txn:
+        txn.produce(names.state("1s"), b"open", b"k", partition=0)
+        txn.send_offsets_to_transaction(
+            [TopicPartition(topic, p, 20 + p) for p in range(3)],
+            committer.consumer_group_metadata(),
+            30,
+        )
+        report = find_hanging(config, max_age_s=0.0)
+        repairs = {r.tier: r for r in plan_repairs(config, report)}
+        assert repairs["1s"].rewind == {0: 9, 1: 7, 2: None}
+        assert f"--topic {topic}:2 --to-earliest --execute" in repairs["1s"].commands("b")[2]
+    committer.close()

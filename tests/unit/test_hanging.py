@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from ensync_kafka.hanging import HangingReport, OpenTransaction, offsets_partition
+from ensync_kafka.config import config_from_mapping
+from ensync_kafka.hanging import (
+    OFFSETS_TOPIC,
+    HangingReport,
+    OpenTransaction,
+    TierRepair,
+    offset_commit_record,
+    offsets_partition,
+    offsets_partitions,
+    project_partitions,
+)
 
 
 @pytest.mark.parametrize(
@@ -43,3 +53,55 @@ def test_the_abort_command_names_the_partition_and_start_offset() -> None:
         "kafka-transactions.sh --bootstrap-server h:9092 abort --topic t.state.1s --partition 3 "
         "--start-offset 7"
     )
+
+
+# Records of __consumer_offsets as a Kafka 4.4 broker wrote them.
+_COMMIT_KEY = b"\x00\x01\x00\x16t98dc5659d4.app.83c3d1\x00\x14t98dc5659d4.defer.1s\x00\x00\x00\x02"
+_COMMIT_VALUE = b"\x00\x04\x00\x00\x00\x00\x00\x00\x00\x2a\xff\xff\xff\xff\x01\x00\x00\x01\xa2"
+_GROUP_KEY = b"\x00\x02\x00\x15t680110742f.worker.1h"
+
+
+def test_offset_commit_records_are_read_and_others_skipped() -> None:
+    assert offset_commit_record(_COMMIT_KEY, _COMMIT_VALUE) == (
+        "t98dc5659d4.app.83c3d1",
+        "t98dc5659d4.defer.1s",
+        2,
+        42,
+    )
+    assert offset_commit_record(_COMMIT_KEY, None) == (  # a deletion
+        "t98dc5659d4.app.83c3d1",
+        "t98dc5659d4.defer.1s",
+        2,
+        None,
+    )
+    assert offset_commit_record(_GROUP_KEY, b"\x00\x03") is None
+    assert offset_commit_record(None, None) is None
+
+
+def test_a_repair_rewinds_each_partition_or_to_the_earliest() -> None:
+    repair = TierRepair(tier="1s", group="p.worker.1s", topic="p.defer.1s", rewind={1: None, 0: 9})
+    base = "kafka-consumer-groups.sh --bootstrap-server h:9092 --group p.worker.1s --reset-offsets"
+    assert repair.commands("h:9092") == [
+        f"{base} --topic p.defer.1s:0 --to-offset 9 --execute",
+        f"{base} --topic p.defer.1s:1 --to-earliest --execute",
+    ]
+    assert TierRepair(tier="1s", group="g", topic="t", rewind=None).commands("h") == []
+
+
+def test_the_partitions_checked_are_the_configurations_and_its_groups_offsets() -> None:
+    config = config_from_mapping(
+        {"prefix": "p", "tiers": {"1s": "1s"}, "kafka": {"bootstrap_servers": "h:9092"}},
+        environ={},
+    )
+    counts = {"p.defer.1s": 2, "p.state.1s": 1, "p.audit": 1, "other": 3, OFFSETS_TOPIC: 50}
+    assert project_partitions(config, counts) == [
+        ("p.audit", 0),
+        ("p.defer.1s", 0),
+        ("p.defer.1s", 1),
+        ("p.state.1s", 0),
+    ]
+    assert offsets_partitions(config, counts, ["hello"]) == {
+        "p.worker.1s": offsets_partition("p.worker.1s", 50),
+        "hello": 22,
+    }
+    assert offsets_partitions(config, {}, ["hello"]) == {}  # no group has committed yet
