@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
 
@@ -31,7 +31,18 @@ LOG_TAIL_LINES = 25
 
 _LIBS = "libs"
 _LIBS_STAMP = ".ensync-complete"
+_EXPECTED_JARS = ("kafka_2.13-*.jar", "kafka-tools-*.jar")
 _MVN_HINT = "install Apache Maven (e.g. `apt-get install maven`), needed once to fetch Kafka jars"
+JAVA_HINT = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
+KAFKA_TOOLS = {
+    "transactions": "org.apache.kafka.tools.TransactionsCommand",
+    "consumer-groups": "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+    "dump-log": "org.apache.kafka.tools.DumpLogSegments",
+}
+"""Kafka's own command-line tools, by the name of their script (``kafka-<name>.sh``), fetched
+with the broker's jars: the remedies ``topics hanging`` prints need no Kafka download."""
+TOOL_JVM_OPTIONS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
+"""A short-lived JVM: small heap, quick start."""
 
 
 def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -110,8 +121,9 @@ def ensure_jars(cache: Path | None = None) -> Path:
                     f"fetching the Kafka {KAFKA_VERSION} jars with Maven failed "
                     f"(exit {result.returncode}):\n{output}"
                 )
-            if not any(tmp.glob("kafka_2.13-*.jar")):
-                raise LocalBrokerError(f"Maven finished but fetched no Kafka jar into {tmp}")
+            missing = [jar for jar in _EXPECTED_JARS if not any(tmp.glob(jar))]
+            if missing:
+                raise LocalBrokerError(f"Maven finished but fetched no {missing[0]} into {tmp}")
             (tmp / _LIBS_STAMP).write_text(key)
             if libs.exists():
                 old = cache / f".libs-old-{uuid.uuid4().hex[:8]}"
@@ -131,6 +143,14 @@ def render_server_properties(
     return template.substitute(
         host=host, broker_port=broker_port, controller_port=controller_port, log_dir=log_dir
     )
+
+
+def tool_command(name: str, args: Sequence[str], cache: Path | None = None) -> list[str]:
+    """The command line that runs Kafka's tool ``name`` (a key of KAFKA_TOOLS) with ``args``,
+    against any cluster the arguments name."""
+    java = _require("java", JAVA_HINT)
+    main = KAFKA_TOOLS[name]
+    return [java, *TOOL_JVM_OPTIONS, _log4j(), "-cp", _classpath(ensure_jars(cache)), main, *args]
 
 
 def _classpath(libs: Path) -> str:

@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from ._kafkadist import (
+    JAVA_HINT,
     KAFKA_VERSION,
     LOCK_FILE,
+    TOOL_JVM_OPTIONS,
     _classpath,
     _env,
     _log4j,
@@ -104,7 +106,6 @@ OWNER_FILE = "owner.json"
 
 _PORT_ATTEMPTS = 3
 _UNOWNED_GRACE_S = 60.0
-_JAVA_HINT = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
 
 
 # --- locations -----------------------------------------------------------------------------
@@ -238,7 +239,7 @@ class LocalBroker:
 
     def start(self) -> tuple[BrokerInfo, bool]:
         """Start a broker, or report the running one: ``(info, started_now)``."""
-        java = _require("java", _JAVA_HINT)
+        java = _require("java", JAVA_HINT)
         self.home.mkdir(parents=True, exist_ok=True)
         with _locked(self.home / LOCK_FILE):
             existing = self._read()
@@ -284,7 +285,7 @@ class LocalBroker:
         Topics, committed offsets and transactions survive, as across one broker's restart in
         a rolling upgrade; clients reconnect to the same address.
         """
-        java = _require("java", _JAVA_HINT)
+        java = _require("java", JAVA_HINT)
         with _locked(self.home / LOCK_FILE):
             info = self._read()
             if info is None or not self._owns(info):
@@ -396,7 +397,7 @@ class LocalBroker:
 
     def _format(self, java: str, libs: Path, properties: Path) -> None:
         command = [
-            java, "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", _log4j(),
+            java, *TOOL_JVM_OPTIONS, _log4j(),
             "-cp", _classpath(libs), "kafka.tools.StorageTool", "format",
             "-t", new_cluster_id(), "-c", str(properties),
         ]  # fmt: skip

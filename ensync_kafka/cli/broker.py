@@ -1,4 +1,4 @@
-"""``ensync-kafka broker start|stop|restart|status``: a local single-node Kafka broker.
+"""``ensync-kafka broker start|stop|restart|status|tool``: a local single-node Kafka broker.
 
 The broker runs detached and is recorded in ``$ENSYNC_HOME/broker.json``; configs that name no
 cluster use it automatically. ``status`` and ``start`` print its bootstrap address alone on the
@@ -7,10 +7,12 @@ last line, so scripts can take it with ``tail -n 1``.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import click
 
+from .._kafkadist import KAFKA_TOOLS, tool_command
 from ..localbroker import (
     DEFAULT_HEAP,
     DEFAULT_START_TIMEOUT_S,
@@ -103,6 +105,23 @@ def status(home: Path | None) -> None:
         )
     click.echo(f"Kafka {info.kafka_version} broker running: {_describe(info)}")
     click.echo(info.bootstrap)
+
+
+@broker.command(
+    context_settings={
+        **CONTEXT_SETTINGS,
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,  # after NAME, everything is the tool's
+    }
+)
+@click.argument("name", type=click.Choice(sorted(KAFKA_TOOLS)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def tool(name: str, args: tuple[str, ...]) -> None:
+    """Run Kafka's own kafka-NAME.sh tool (from the jars the broker uses) with ARGS, against
+    any cluster ARGS name: e.g. `tool transactions --bootstrap-server H:P abort ...`, the
+    remedies `ensync-kafka topics hanging` prints. `tool NAME --help` shows the tool's help."""
+    command = tool_command(name, args)
+    raise SystemExit(subprocess.run(command, check=False).returncode)
 
 
 COMMANDS: list[click.Command] = [broker]

@@ -1,4 +1,4 @@
-"""Pipeline commands: ``topics create`` and ``hanging``, ``worker``, ``defer``, ``schedule``."""
+"""Pipeline commands: ``topics create|hanging|republish``, ``worker``, ``defer``, ``schedule``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import click
 
 from ..client import DeferClient
 from ..config import WorkerConfig, parse_duration
-from ..hanging import find_hanging, plan_repairs
+from ..hanging import OFFSETS_TOPIC, find_hanging, plan_repairs
 from ..models import Receipt
+from ..republish import republish
 from ..runner import Worker
-from ..topics import ensure_topics
+from ..topics import TopicNames, ensure_topics
 from ._common import CONTEXT_SETTINGS, config_option, load
 
 
@@ -62,6 +63,8 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
     report = find_hanging(config, groups=groups, max_age_s=limit)
     bootstrap = config.kafka.client_settings().get("bootstrap.servers", "BOOTSTRAP")
     hanging = report.hanging
+    names = TopicNames(config.prefix)
+    state_topics = {OFFSETS_TOPIC, *(names.state(t.name) for t in config.tiers)}
     click.echo(
         f"checked {len(report.checked)} partitions; a transaction open longer than "
         f"{report.max_age_s:g} s is hanging"
@@ -76,14 +79,20 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
         )
         if txn in hanging:
             click.echo(f"         {txn.abort_command(str(bootstrap))}")
+            if txn.topic not in state_topics:
+                click.echo(
+                    f"         ensync-kafka topics republish --topic {txn.topic} "
+                    f"--partition {txn.partition} --from {txn.start_offset} --to {txn.end_offset}"
+                )
     if not hanging:
         return
     repairs = plan_repairs(config, report)
     if repairs:
         click.echo(
-            "To recover: stop every worker of the tiers below; run the abort commands above; "
-            "remove those workers' state directories (worker.state_dir/<prefix>/<worker id>/"
-            "<tier>); run each tier's commands below; start the workers again."
+            "To recover: stop every worker of the tiers below; run the commands above (each "
+            "abort, then its republish: it writes again what the abort hid of a turn that did "
+            "commit); remove those workers' state directories (worker.state_dir/<prefix>/"
+            "<worker id>/<tier>); run each tier's commands below; start the workers again."
         )
     for repair in repairs:
         commands = repair.commands(str(bootstrap))
@@ -92,10 +101,37 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
         )
         for command in commands:
             click.echo(f"         {command}")
+    click.echo(
+        "(Without Kafka's scripts, `ensync-kafka broker tool transactions ...` and "
+        "`ensync-kafka broker tool consumer-groups ...` run the same tools.)"
+    )
     raise click.ClickException(
         f"{len(hanging)} hanging transaction(s): end each with the command shown (README, "
         '"A single broker\'s restart can leave a hanging transaction")'
     )
+
+
+@topics.command("republish", context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option("--topic", required=True, help="A priority or audit topic")
+@click.option("--partition", type=int, required=True)
+@click.option("--from", "start", type=int, required=True, help="First offset of the range")
+@click.option("--to", "end", type=int, required=True, help="Offset after the range")
+def topics_republish(
+    config_path: str | None, topic: str, partition: int, start: int, end: int
+) -> None:
+    """After a hanging transaction's abort: write again the deliveries (and DELIVERED audit
+    records) it hid in [--from, --to) whose turn committed, as its changelog shows."""
+    report = republish(load(config_path), topic, partition, start, end)
+    click.echo(
+        f"{topic}[{partition}] {start}..{end}: {report.hidden} hidden, "
+        f"{len(report.republished)} written again, {len(report.left)} left (their turn did "
+        "not commit, and their tier redoes them; or delivered again already)"
+    )
+    for defer_id in report.republished:
+        click.echo(f"written again  {defer_id}")
+    for item in report.left:
+        click.echo(f"left           {item}")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

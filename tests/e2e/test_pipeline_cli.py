@@ -7,7 +7,7 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.topics import TopicNames, topic_specs
@@ -219,9 +219,18 @@ def test_config_errors_and_unknown_tier_fail_clearly(
     assert "no such config file" in result.stderr
 
 
-def test_topics_hanging_names_an_old_open_transaction_and_how_to_end_it(
+def _kafka_tool(line: str) -> list[str]:
+    """A printed ``kafka-<tool>.sh ...`` command, as ``ensync-kafka broker tool <tool> ...``."""
+    script, *args = line.split()
+    return ["broker", "tool", script.removeprefix("kafka-").removesuffix(".sh"), *args]
+
+
+def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
+    """An open transaction holding a changelog partition and the tier group's offsets, as a
+    broker restart can leave one: found, and ended with the commands printed, run through
+    ``broker tool``; the group rewound to what it had committed before."""
     mapping = pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state")
     config_path = write_config(tmp_path / "ensync.yaml", mapping)
     ok(run(kafka_bootstrap, "topics", "create", "--config", str(config_path)))
@@ -229,7 +238,16 @@ def test_topics_hanging_names_an_old_open_transaction_and_how_to_end_it(
     assert "is hanging" in calm.splitlines()[0]
     assert unique_prefix not in calm  # nothing of ours open
 
-    changelog = TopicNames(unique_prefix).state("1s")
+    names = TopicNames(unique_prefix)
+    changelog, tier_topic, group = names.state("1s"), names.defer("1s"), names.worker_group("1s")
+    committer = Consumer(
+        {"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    for _ in range(12):  # a reset clamps to the partition's offsets: give it some
+        plain.produce(tier_topic, b"x", partition=0)
+    assert plain.flush(30) == 0
+    committer.commit(offsets=[TopicPartition(tier_topic, 0, 4)], asynchronous=False)
     producer = Producer(
         {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{unique_prefix}.left-open"}
     )
@@ -237,6 +255,9 @@ def test_topics_hanging_names_an_old_open_transaction_and_how_to_end_it(
     producer.begin_transaction()
     producer.produce(changelog, b"open", b"k", partition=1)
     assert producer.flush(30) == 0
+    producer.send_offsets_to_transaction(
+        [TopicPartition(tier_topic, 0, 10)], committer.consumer_group_metadata(), 30
+    )
     try:
         young = ok(run(kafka_bootstrap, "topics", "hanging", "--config", str(config_path)))
         assert f"open     {changelog}[1] from offset 0 (end 1), open for" in young
@@ -246,15 +267,30 @@ def test_topics_hanging_names_an_old_open_transaction_and_how_to_end_it(
         )
         assert old.returncode == 1, old.stdout + old.stderr
         assert f"HANGING  {changelog}[1] from offset 0" in old.stdout
-        assert (
-            f"kafka-transactions.sh --bootstrap-server {kafka_bootstrap} abort --topic "
-            f"{changelog} --partition 1 --start-offset 0" in old.stdout
-        )
         assert "To recover: stop every worker of the tiers below" in old.stdout
-        assert f"  tier 1s (group {unique_prefix}.worker.1s)" in old.stdout
+        assert f"  tier 1s (group {group})" in old.stdout
         # (__consumer_offsets is shared: other transactions may be open on its partitions)
         assert "hanging transaction(s): end each with the command shown" in old.stderr
+        lines = [line.strip() for line in old.stdout.splitlines()]
+        aborts = [line for line in lines if line.startswith("kafka-transactions.sh")]
+        rewinds = [line for line in lines if f"--group {group} " in line]
+        assert (
+            f"kafka-transactions.sh --bootstrap-server {kafka_bootstrap} abort --topic "
+            f"{changelog} --partition 1 --start-offset 0" in aborts
+        )
+        assert rewinds == [
+            f"kafka-consumer-groups.sh --bootstrap-server {kafka_bootstrap} --group {group} "
+            f"--reset-offsets --topic {tier_topic}:{p} {to} --execute"
+            for p, to in enumerate(["--to-offset 4", "--to-earliest", "--to-earliest"])
+        ]
+        for line in aborts + rewinds:
+            ok(run(kafka_bootstrap, *_kafka_tool(line)))
+        after = ok(run(kafka_bootstrap, "topics", "hanging", "--config", str(config_path)))
+        assert changelog not in after
+        committed = committer.committed([TopicPartition(tier_topic, p) for p in range(3)], 30)
+        assert [tp.offset for tp in committed] == [4, 0, 0]
         bad = run(kafka_bootstrap, "topics", "hanging", "--max-age", "soon")
         assert bad.returncode == 2 and "--max-age" in bad.stderr
     finally:
         producer.abort_transaction(30)
+        committer.close()

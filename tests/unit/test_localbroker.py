@@ -188,6 +188,7 @@ def _fake_mvn(bin_dir: Path, *, fail: bool) -> Path:
               case "$arg" in -DoutputDirectory=*) out="${{arg#-DoutputDirectory=}}";; esac
             done
             : > "$out/kafka_2.13-{KAFKA_VERSION}.jar"
+            : > "$out/kafka-tools-{KAFKA_VERSION}.jar"
             {"echo 'Could not resolve dependencies' >&2; exit 1" if fail else "exit 0"}
             """
         )

@@ -1,0 +1,176 @@
+"""Deliveries that aborting a hanging transaction hid, written again once proven committed.
+
+A single broker's restart can skip a committed transaction's markers on some of its partitions
+only (README): its changelog records then count, and the worker went on from them, while its
+records on the partitions left hanging wait. Kafka's tools can only abort those, which hides a
+committed turn's deliveries (and their audit records) for good. This module finds what an abort
+hid on a partition (read uncommitted, not read committed) and writes again each delivery, and
+each DELIVERED audit record, whose changelog marker is committed with the same delivery stamp:
+the turn that wrote it committed. A hidden record of a turn that did not commit has no such
+marker (its markers were aborted with it, and a redone turn stamps its own), so it is left out:
+its tier redoes it (``TierRepair``). Run after the aborts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from ._kafka import reader, where
+from .codec import AUDIT, DELIVERED, MARKER
+from .config import Config
+from .exceptions import BrokerError, SerializationError
+from .hanging import stable_offsets
+from .state import MARKER_PREFIX
+from .topics import TopicNames
+
+READ_TIMEOUT_S = 60.0
+"""How long reading one range (or the changelog around a stamp) may take."""
+MARKER_WINDOW_MS = 60_000
+"""How far on either side of a delivery stamp its changelog marker is looked for: the turn
+writes it when it stages its releases, at most a turn away from the stamp."""
+FLUSH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RepublishReport:
+    hidden: int
+    """Records in the range that read_committed readers do not see."""
+    republished: list[str]
+    """defer_ids whose delivery (or DELIVERED audit record) was written again."""
+    left: list[str]
+    """Hidden records not proven committed (defer_id, or the offset when not ours): not written."""
+
+
+def _records(consumer: Consumer, tp: TopicPartition, end: int | None = None) -> Iterator[Message]:
+    """The records of ``tp`` from its offset up to ``end`` (or the partition's end)."""
+    consumer.assign([tp])
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for msg in consumer.consume(1000, 0.5):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return
+                raise BrokerError(f"reading {tp.topic}[{tp.partition}]: {err.str()}")
+            if end is not None and where(msg)[1] >= end:
+                return
+            yield msg
+    raise BrokerError(f"reading {tp.topic}[{tp.partition}] took over {READ_TIMEOUT_S:.0f} s")
+
+
+def _range(
+    config: Config, level: str, topic: str, partition: int, start: int, end: int
+) -> list[Message]:
+    consumer = reader(config, "republish", {"isolation.level": level, "enable.partition.eof": True})
+    try:
+        return list(_records(consumer, TopicPartition(topic, partition, start), end))
+    finally:
+        consumer.close()
+
+
+def hidden_records(
+    config: Config, topic: str, partition: int, start: int, end: int
+) -> list[Message]:
+    """The records in [start, end) that a read_committed reader does not see: aborted ones."""
+    seen = {where(m)[1] for m in _range(config, "read_committed", topic, partition, start, end)}
+    everything = _range(config, "read_uncommitted", topic, partition, start, end)
+    return [m for m in everything if where(m)[1] not in seen]
+
+
+def _stamp(topic: str, names: TopicNames, value: bytes | None) -> tuple[str, str, int] | None:
+    """(defer_id, tier, delivery stamp) of a delivered event or a DELIVERED audit record."""
+    if value is None:
+        return None
+    try:
+        if topic == names.audit:
+            rec = AUDIT.decode(value)
+            if rec["event"] != "DELIVERED" or not rec["tier"]:
+                return None
+            return rec["defer_id"], rec["tier"], rec["at"]
+        rec = DELIVERED.decode(value)
+    except SerializationError:
+        return None
+    return rec["defer_id"], rec["tier"], rec["delivered_at"]
+
+
+def _window(config: Config, topic: str, first_ms: int, last_ms: int) -> Iterator[Message]:
+    """The committed records of every partition of ``topic`` written from MARKER_WINDOW_MS
+    before ``first_ms`` to as long after ``last_ms`` (by record timestamp)."""
+    consumer = reader(config, "republish-window", {"enable.partition.eof": True})
+    try:
+        meta = consumer.list_topics(topic, timeout=READ_TIMEOUT_S).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise BrokerError(f"topic {topic} not found")
+        starts = consumer.offsets_for_times(
+            [TopicPartition(topic, p, first_ms - MARKER_WINDOW_MS) for p in meta.partitions],
+            READ_TIMEOUT_S,
+        )
+        for tp in starts:
+            if tp.offset < 0:  # nothing written since
+                continue
+            for msg in _records(consumer, tp):
+                if msg.timestamp()[1] > last_ms + MARKER_WINDOW_MS:
+                    break
+                yield msg
+    finally:
+        consumer.close()
+
+
+def committed_markers(
+    config: Config, tier: str, defer_ids: Iterable[str], first_ms: int, last_ms: int
+) -> dict[str, int]:
+    """defer_id -> the delivery stamp of its committed DELIVERED marker in ``tier``'s changelog
+    (written around the stamps: _window)."""
+    wanted = {MARKER_PREFIX + i.encode(): i for i in defer_ids}
+    found: dict[str, int] = {}
+    for msg in _window(config, TopicNames(config.prefix).state(tier), first_ms, last_ms):
+        key, value = msg.key(), msg.value()
+        if key in wanted and value is not None:
+            marker = MARKER.decode(value)
+            if marker["status"] == "DELIVERED":
+                found[wanted[key]] = marker["at"]
+    return found
+
+
+def republish(config: Config, topic: str, partition: int, start: int, end: int) -> RepublishReport:
+    """Write again, to the same partition, what an abort hid in [start, end) and its turn
+    committed (see the module's docstring), unless ``topic`` already shows it committed: a turn
+    aborted and redone within the release lookahead can stamp the redo as it stamped the first
+    try, and the redo's delivery is the one that counts."""
+    admin = AdminClient(config.kafka.client_settings())
+    stable, _ = stable_offsets(admin, [(topic, partition)])[(topic, partition)]
+    if stable < end:  # what still hangs would count as hidden, and be written twice
+        raise BrokerError(
+            f"{topic}[{partition}]: a transaction is still open from offset {stable}: abort it "
+            "first (ensync-kafka topics hanging)"
+        )
+    names = TopicNames(config.prefix)
+    hidden = hidden_records(config, topic, partition, start, end)
+    stamped = [(msg, _stamp(topic, names, msg.value())) for msg in hidden]
+    stamps = [s for _, s in stamped if s is not None]
+    proven: set[tuple[str, str, int]] = set()
+    for tier in {t for _, t, _ in stamps}:
+        items = [s for s in stamps if s[1] == tier]
+        first, last = min(at for *_, at in items), max(at for *_, at in items)
+        markers = committed_markers(config, tier, {i for i, *_ in items}, first, last)
+        proven.update(s for s in items if markers.get(s[0]) == s[2])
+    if proven:
+        first, last = min(at for *_, at in proven), max(at for *_, at in proven)
+        for msg in _window(config, topic, first, last):
+            proven.discard(_stamp(topic, names, msg.value()))
+    producer = Producer({**config.kafka.client_settings(), "enable.idempotence": True})
+    republished, left = [], []
+    for msg, s in stamped:
+        if s in proven:
+            producer.produce(topic, msg.value(), msg.key(), partition, headers=msg.headers())
+            republished.append(s[0])
+        else:
+            left.append(s[0] if s is not None else f"offset {where(msg)[1]}")
+    if producer.flush(FLUSH_TIMEOUT_S) != 0:
+        raise BrokerError(f"republishing to {topic}[{partition}]: not acknowledged in time")
+    return RepublishReport(hidden=len(hidden), republished=republished, left=left)
