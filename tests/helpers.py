@@ -27,7 +27,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ensync_kafka._kafka import STRANDED_REPORTS, BrokerWatch, retire
-from ensync_kafka.codec import AUDIT, DELIVERED, INVALID
+from ensync_kafka.codec import AUDIT, DEFERRAL, DELIVERED, INVALID
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.consumer import PriorityConsumer
 from ensync_kafka.models import DeliveredEvent, now_ms
@@ -91,6 +91,27 @@ def pipeline_mapping(
 
 def pipeline_config(prefix: str, bootstrap: str, state_dir: Path, **kwargs: Any) -> Config:
     return config_from_mapping(pipeline_mapping(prefix, bootstrap, state_dir, **kwargs), environ={})
+
+
+def raw_deferral(defer_id: str, **changes: Any) -> bytes:
+    """A Deferral's bytes as the client writes them, due 200 ms after now."""
+    now = now_ms()
+    record = {
+        "defer_id": defer_id,
+        "name": "raw",
+        "payload": b"{}",
+        "content_type": "application/json",
+        "key": None,
+        "headers": [],
+        "priority": 1,
+        "queue": "default",
+        "deferred_at": now,
+        "due_at": now + 200,
+        "reason": "",
+        "attempt": 1,
+        "history": [],
+    }
+    return DEFERRAL.encode({**record, **changes})
 
 
 # -- waiting --------------------------------------------------------------------------------------

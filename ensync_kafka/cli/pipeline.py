@@ -87,13 +87,24 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
     if not hanging:
         return
     repairs = plan_repairs(config, report)
+    steps = [
+        "run the aborts above, then this command again and its aborts until nothing hangs (an "
+        "abort can uncover another transaction behind it)",
+        "run the republishes above (each writes again what the aborts hid of turns that did "
+        "commit)",
+    ]
     if repairs:
-        click.echo(
-            "To recover: stop every worker of the tiers below; run the commands above (each "
-            "abort, then its republish: it writes again what the abort hid of a turn that did "
-            "commit); remove those workers' state directories (worker.state_dir/<prefix>/"
-            "<worker id>/<tier>); run each tier's commands below; start the workers again."
-        )
+        steps.insert(0, "stop the workers of the tiers below")
+        steps += [
+            "remove those workers' state directories (worker.state_dir/<prefix>/<worker id>/"
+            "<tier>)",
+            "run each tier's commands below",
+            "start the workers again",
+        ]
+    click.echo(
+        "To recover (keep this first listing: its republishes and rewinds are the ones that "
+        f"count): {'; '.join(steps)}."
+    )
     for repair in repairs:
         commands = repair.commands(str(bootstrap))
         click.echo(

@@ -38,6 +38,7 @@ SETTLE_S = 60.0
 """How long the stream gets to finish before the transactions still open count as hanging."""
 HANGING_AFTER_S = 15.0
 TOOL_TIMEOUT_S = 120.0
+ABORT_ROUNDS = 5
 
 
 def kafka_tool(line: str) -> None:
@@ -95,21 +96,26 @@ def attempt(seed: int, root: Path) -> bool:
         repairs = plan_repairs(config, report)
         worker.signal(signal.SIGTERM)
         worker.wait_exit(60)
-        for txn in report.hanging:
-            kafka_tool(txn.abort_command(bootstrap))
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        hanging = report.hanging
+        for _ in range(ABORT_ROUNDS):  # an abort can uncover another open transaction behind it
+            for txn in hanging:
+                kafka_tool(txn.abort_command(bootstrap))
+                start, end = ranges.get((txn.topic, txn.partition), (txn.start_offset, 0))
+                ranges[(txn.topic, txn.partition)] = (start, max(end, txn.end_offset))
+            hanging = find_hanging(config, max_age_s=HANGING_AFTER_S).hanging
+            if not hanging:
+                break
+        print(f"  hanging after the aborts: {hanging}", flush=True)
         names = TopicNames(prefix)
-        for txn in report.hanging:
-            if txn.topic != OFFSETS_TOPIC and txn.topic not in map(names.state, TIERS):
-                again = republish(
-                    config, txn.topic, txn.partition, txn.start_offset, txn.end_offset
-                )
-                print(f"  republished {txn.topic}[{txn.partition}]: {again}", flush=True)
+        for (topic, partition), (start, end) in sorted(ranges.items()):
+            if topic != OFFSETS_TOPIC and topic not in map(names.state, TIERS):
+                again = republish(config, topic, partition, start, end)
+                print(f"  republished {topic}[{partition}]: {again}", flush=True)
         shutil.rmtree(work / "state")
         for repair in repairs:
             for line in repair.commands(bootstrap):
                 kafka_tool(line)
-        left = find_hanging(config, max_age_s=HANGING_AFTER_S).hanging
-        print(f"  hanging after the aborts: {left}", flush=True)
         worker = start_worker()
         ledger = collect_ledger(bootstrap, queue, expected, timeout=SETTLE_S)
         print(f"  after the recovery: {ledger.summary()}", flush=True)

@@ -9,9 +9,18 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from ensync_kafka.codec import delivered_from_deferral
 from ensync_kafka.config import config_from_mapping
+from ensync_kafka.models import now_ms
 from ensync_kafka.topics import TopicNames, topic_specs
-from tests.helpers import TopicReader, cli_command, cli_env, pipeline_mapping, write_config
+from tests.helpers import (
+    TopicReader,
+    cli_command,
+    cli_env,
+    pipeline_mapping,
+    raw_deferral,
+    write_config,
+)
 
 CLI_TIMEOUT_S = 60.0
 
@@ -254,6 +263,8 @@ def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
     producer.init_transactions(30)
     producer.begin_transaction()
     producer.produce(changelog, b"open", b"k", partition=1)
+    release = delivered_from_deferral(raw_deferral("held-up", priority=3), now_ms(), "1s")
+    producer.produce(names.priority("default", 3), release, b"held-up", partition=0)
     assert producer.flush(30) == 0
     producer.send_offsets_to_transaction(
         [TopicPartition(tier_topic, 0, 10)], committer.consumer_group_metadata(), 30
@@ -267,7 +278,7 @@ def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
         )
         assert old.returncode == 1, old.stdout + old.stderr
         assert f"HANGING  {changelog}[1] from offset 0" in old.stdout
-        assert "To recover: stop every worker of the tiers below" in old.stdout
+        assert "count): stop the workers of the tiers below; run the aborts above" in old.stdout
         assert f"  tier 1s (group {group})" in old.stdout
         # (__consumer_offsets is shared: other transactions may be open on its partitions)
         assert "hanging transaction(s): end each with the command shown" in old.stderr
@@ -283,8 +294,16 @@ def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
             f"--reset-offsets --topic {tier_topic}:{p} {to} --execute"
             for p, to in enumerate(["--to-offset 4", "--to-earliest", "--to-earliest"])
         ]
+        republishes = [line for line in lines if line.startswith("ensync-kafka topics republish")]
+        assert republishes == [
+            f"ensync-kafka topics republish --topic {names.priority('default', 3)} --partition 0 "
+            "--from 0 --to 1"
+        ]
         for line in aborts + rewinds:
             ok(run(kafka_bootstrap, *_kafka_tool(line)))
+        # Its turn never committed (no changelog marker): nothing is written again.
+        again = ok(run(kafka_bootstrap, *republishes[0].split()[1:], "--config", str(config_path)))
+        assert "1 hidden, 0 written again, 1 left" in again and "left           held-up" in again
         after = ok(run(kafka_bootstrap, "topics", "hanging", "--config", str(config_path)))
         assert changelog not in after
         committed = committer.committed([TopicPartition(tier_topic, p) for p in range(3)], 30)

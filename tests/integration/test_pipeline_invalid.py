@@ -8,8 +8,8 @@ from typing import Any
 from confluent_kafka import Producer
 
 from ensync_kafka import DeferClient, ensure_topics
-from ensync_kafka.codec import DEFERRAL, MAGIC
-from ensync_kafka.models import now_ms, to_ms
+from ensync_kafka.codec import MAGIC
+from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
 from tests.helpers import (
     TopicReader,
@@ -19,29 +19,10 @@ from tests.helpers import (
     invalid_records,
     pipeline_config,
     queue_reader,
+    raw_deferral,
 )
 
 WAIT_S = 30.0
-
-
-def deferral(defer_id: str, **changes: Any) -> bytes:
-    now = now_ms()
-    record = {
-        "defer_id": defer_id,
-        "name": "raw",
-        "payload": b"{}",
-        "content_type": "application/json",
-        "key": None,
-        "headers": [],
-        "priority": 1,
-        "queue": "default",
-        "deferred_at": now,
-        "due_at": now + 200,
-        "reason": "",
-        "attempt": 1,
-        "history": [],
-    }
-    return DEFERRAL.encode({**record, **changes})
 
 
 def test_invalid_records_are_quarantined_and_the_worker_keeps_delivering(
@@ -53,10 +34,10 @@ def test_invalid_records_are_quarantined_and_the_worker_keeps_delivering(
     tier_topic = names.defer("1s")
     bad: dict[bytes, tuple[bytes, str]] = {
         b"garbage": (b"\x00\x01 not avro at all \xff", "format marker"),
-        b"truncated": (deferral("truncated")[:-5], "cannot decode"),
-        b"prio-9": (deferral("prio-9", priority=9), "priority 9"),
-        b"prio-0": (deferral("prio-0", priority=0), "priority 0"),
-        b"no-queue": (deferral("no-queue", queue="nope"), "unknown queue 'nope'"),
+        b"truncated": (raw_deferral("truncated")[:-5], "cannot decode"),
+        b"prio-9": (raw_deferral("prio-9", priority=9), "priority 9"),
+        b"prio-0": (raw_deferral("prio-0", priority=0), "priority 0"),
+        b"no-queue": (raw_deferral("no-queue", queue="nope"), "unknown queue 'nope'"),
         b"marker-only": (MAGIC, "cannot decode"),
     }
     raw = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})

@@ -25,8 +25,7 @@ from ensync_kafka.models import now_ms
 from ensync_kafka.republish import hidden_records, republish
 from ensync_kafka.state import MARKER_PREFIX
 from ensync_kafka.topics import TopicNames
-from tests.helpers import TopicReader, pipeline_config
-from tests.integration.test_pipeline_invalid import deferral
+from tests.helpers import TopicReader, pipeline_config, raw_deferral
 
 WAIT_S = 30.0
 
@@ -49,7 +48,7 @@ def test_only_deliveries_of_committed_turns_are_written_again(
     stamp = now_ms()
 
     def delivery(defer_id: str, at: int) -> bytes:
-        return delivered_from_deferral(deferral(defer_id, priority=3), at, "1s")
+        return delivered_from_deferral(raw_deferral(defer_id, priority=3), at, "1s")
 
     def audit(defer_id: str, at: int) -> bytes:
         return audit_value(AUDIT_DELIVERED, defer_id=defer_id, at_ms=at, tier="1s")
