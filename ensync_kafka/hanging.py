@@ -362,8 +362,8 @@ def plan_repairs(config: Config, report: HangingReport) -> list[TierRepair]:
 class StabilityWatch:
     """How long each watched partition's last stable offset has stood still below its end:
     under load it moves with every commit, so one that stands still for longer than any
-    transaction may last marks a hanging transaction. Logged once per transaction, as an error
-    naming the command that ends it. Only where one producer writes (a tier's changelog
+    transaction may last marks a hanging transaction, logged once as an error. Only where one
+    producer writes (a tier's changelog
     partitions): elsewhere a slow but healthy transaction of another application would look the
     same."""
 
@@ -388,24 +388,18 @@ class StabilityWatch:
                 since[tp] = kept if kept is not None and kept[0] == lso else (lso, now)
         self._since = since
         self.ages = {tp: now - at for tp, (_, at) in since.items()}
-        bootstrap = str(self._config.kafka.client_settings().get("bootstrap.servers", "…"))
         for (topic, p), age in self.ages.items():
             lso, _ = since[(topic, p)]
             if age > self.hanging_after_s and ((topic, p), lso) not in self._reported:
                 self._reported.add(((topic, p), lso))
-                end = offsets[(topic, p)][1]
-                txn = OpenTransaction(
-                    topic=topic, partition=p, start_offset=lso, end_offset=end, started_ms=None
-                )
                 log.error(
                     "%s[%d]: a transaction has stayed open from offset %d for %.0f s, longer than "
-                    "any of ours may (hanging: its readers and the tier stall). It ends with `%s`; "
-                    "`ensync-kafka topics hanging` lists every partition it holds and what the "
-                    "tier needs after it (README)",
+                    "any of ours may (hanging: its readers and the tier stall until it ends). "
+                    "`ensync-kafka topics hanging` names every partition it holds and the steps "
+                    "that end it without losing a deferral, which an abort alone can (README)",
                     topic,
                     p,
                     lso,
                     age,
-                    txn.abort_command(bootstrap),
                 )
         return self.ages

@@ -128,7 +128,7 @@ def test_the_watch_reports_a_stable_offset_that_stands_still(
         with caplog.at_level(logging.ERROR, logger="ensync_kafka.hanging"):
             second = watch.check(partitions)
         assert second[(topic, 2)] >= first[(topic, 2)] + 1.0
-        assert f"--topic {topic} --partition 2 --start-offset 0" in caplog.text
+        assert f"{topic}[2]: a transaction has stayed open from offset 0" in caplog.text
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="ensync_kafka.hanging"):
             watch.check(partitions)
