@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from ensync_kafka._kafka import STRANDED_REPORTS, BrokerWatch, retire
 from ensync_kafka.codec import AUDIT, DEFERRAL, DELIVERED, INVALID
@@ -112,6 +119,24 @@ def raw_deferral(defer_id: str, **changes: Any) -> bytes:
         "history": [],
     }
     return DEFERRAL.encode({**record, **changes})
+
+
+OPEN_TXN_TIMEOUT_MS = 120_000
+"""A test's transaction left open is not ended by its coordinator for this long."""
+
+
+def transactional_producer(bootstrap: str) -> Producer:
+    """A transactional producer with an id of its own, ready to begin a transaction that a test
+    leaves open (a hanging transaction, as a broker restart can leave one)."""
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "transactional.id": f"test-{uuid.uuid4().hex}",
+            "transaction.timeout.ms": OPEN_TXN_TIMEOUT_MS,
+        }
+    )
+    producer.init_transactions(30)
+    return producer
 
 
 # -- waiting --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tests.helpers import (
     cli_env,
     pipeline_mapping,
     raw_deferral,
+    transactional_producer,
     write_config,
 )
 
@@ -257,10 +258,7 @@ def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
         plain.produce(tier_topic, b"x", partition=0)
     assert plain.flush(30) == 0
     committer.commit(offsets=[TopicPartition(tier_topic, 0, 4)], asynchronous=False)
-    producer = Producer(
-        {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{unique_prefix}.left-open"}
-    )
-    producer.init_transactions(30)
+    producer = transactional_producer(kafka_bootstrap)
     producer.begin_transaction()
     producer.produce(changelog, b"open", b"k", partition=1)
     release = delivered_from_deferral(raw_deferral("held-up", priority=3), now_ms(), "1s")

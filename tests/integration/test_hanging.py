@@ -24,24 +24,15 @@ from ensync_kafka.hanging import (
 )
 from ensync_kafka.models import now_ms
 from ensync_kafka.topics import TopicNames
-from tests.helpers import pipeline_config, wait_until
+from tests.helpers import pipeline_config, transactional_producer, wait_until
 
 WAIT_S = 30.0
-OPEN_TXN_TIMEOUT_MS = 120_000
-"""Long enough that no transaction of these tests is ended by its coordinator meanwhile."""
 
 
 @contextmanager
 def open_transaction(bootstrap: str) -> Iterator[Producer]:
     """A transaction begun and left open; committed on the way out."""
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "transactional.id": f"hanging-test-{uuid.uuid4().hex}",
-            "transaction.timeout.ms": OPEN_TXN_TIMEOUT_MS,
-        }
-    )
-    producer.init_transactions(30)
+    producer = transactional_producer(bootstrap)
     producer.begin_transaction()
     try:
         yield producer

@@ -8,12 +8,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from ensync_kafka import DeferClient, TurnPhases, Worker, ensure_topics, monitor
 from ensync_kafka.config import config_from_mapping
-from tests.helpers import wait_until
+from tests.helpers import transactional_producer, wait_until
 
 WAIT_S = 30.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -102,10 +101,7 @@ def test_metrics_move_as_deferrals_flow(
         # A transaction left open on a changelog partition shows, and goes once it ends.
         monkeypatch.setattr(monitor, "STABILITY_CHECK_INTERVAL_S", 0.2)
         changelog = {"topic": f"{unique_prefix}.state.1m", "partition": "0"}
-        producer = Producer(
-            {"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{unique_prefix}.foreign"}
-        )
-        producer.init_transactions(30)
+        producer = transactional_producer(kafka_bootstrap)
         producer.begin_transaction()
         producer.produce(changelog["topic"], b"open", b"k", partition=0)
         assert producer.flush(30) == 0

@@ -9,7 +9,6 @@ marker, or a redo's), of one redone with the same stamp and delivered, and a vis
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,9 @@ from ensync_kafka.models import now_ms
 from ensync_kafka.republish import hidden_records, republish
 from ensync_kafka.state import MARKER_PREFIX
 from ensync_kafka.topics import TopicNames
-from tests.helpers import TopicReader, pipeline_config, raw_deferral
+from tests.helpers import TopicReader, pipeline_config, raw_deferral, transactional_producer
 
 WAIT_S = 30.0
-
-
-def _transactional(bootstrap: str) -> Producer:
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "transactional.id": f"republish-{uuid.uuid4().hex}"}
-    )
-    producer.init_transactions(30)
-    return producer
 
 
 def test_only_deliveries_of_committed_turns_are_written_again(
@@ -79,7 +70,7 @@ def test_only_deliveries_of_committed_turns_are_written_again(
     plain.produce(topic, delivery("again", stamp), b"again", 1)
     plain.produce(names.audit, audit("again", stamp), b"again", 0)  # its only partition
     assert plain.flush(30) == 0
-    aborted = _transactional(kafka_bootstrap)
+    aborted = transactional_producer(kafka_bootstrap)
     aborted.begin_transaction()
     for defer_id in ("kept", "redone", "never", "again"):  # "never": no marker at all
         aborted.produce(topic, delivery(defer_id, stamp), defer_id.encode(), 0)
@@ -108,7 +99,7 @@ def test_only_deliveries_of_committed_turns_are_written_again(
     assert seen == ["again", "kept", "visible"], records  # once each; the others stay hidden
 
     # Never while a transaction is still open there: what hangs would be written twice.
-    open_txn = _transactional(kafka_bootstrap)
+    open_txn = transactional_producer(kafka_bootstrap)
     open_txn.begin_transaction()
     open_txn.produce(topic, delivery("pending", stamp), b"pending", 0)
     assert open_txn.flush(30) == 0
