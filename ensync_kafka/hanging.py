@@ -362,10 +362,10 @@ def plan_repairs(config: Config, report: HangingReport) -> list[TierRepair]:
 class StabilityWatch:
     """How long each watched partition's last stable offset has stood still below its end:
     under load it moves with every commit, so one that stands still for longer than any
-    transaction may last marks a hanging transaction, logged once as an error. Only where one
-    producer writes (a tier's changelog
-    partitions): elsewhere a slow but healthy transaction of another application would look the
-    same."""
+    transaction may last marks a hanging transaction, logged once as an error. Watched where the
+    tier workers write: their changelogs (one worker each), the priority topics and the audit
+    topic (every worker, all with the configured transaction timeout). A broker restart has left
+    one on priority partitions alone, which readers then stall on while the tiers run on."""
 
     def __init__(self, config: Config, hanging_after_s: float) -> None:
         self._config = config
@@ -376,10 +376,21 @@ class StabilityWatch:
         self.ages: dict[Partition, float] = {}
         """The latest check's open partitions and how long each has stood still, in seconds."""
 
-    def check(self, partitions: Iterable[Partition]) -> dict[Partition, float]:
+    @property
+    def admin(self) -> AdminClient:
         if self._admin is None:
             self._admin = AdminClient(self._config.kafka.client_settings())
-        offsets = stable_offsets(self._admin, partitions)
+        return self._admin
+
+    def shared_partitions(self) -> list[Partition]:
+        """Every partition of the priority topics and the audit topic."""
+        names = TopicNames(self._config.prefix)
+        topics = {names.audit, *(t for q in self._config.queues for t in names.queue(q))}
+        counts = partition_counts(self.admin)
+        return sorted((t, p) for t in topics if t in counts for p in range(counts[t]))
+
+    def check(self, partitions: Iterable[Partition]) -> dict[Partition, float]:
+        offsets = stable_offsets(self.admin, partitions)
         now = time.monotonic()
         since: dict[Partition, tuple[int, float]] = {}
         for tp, (lso, end) in offsets.items():

@@ -36,7 +36,7 @@ log = logging.getLogger("ensync_kafka.monitor")
 
 LOOP_INTERVAL_S = 0.5
 STABILITY_CHECK_INTERVAL_S = 10.0
-"""How often the worker looks for a transaction left open on its tiers' changelog partitions."""
+"""How often the worker looks for a transaction left open where its tiers write."""
 MAX_SCAN = 50_000
 """Timers one upcoming request reads per partition at most (filters may skip many)."""
 MAX_LIMIT = 1000
@@ -148,16 +148,15 @@ class Monitor:
             self._stop.wait(LOOP_INTERVAL_S)
 
     def _check_stability(self) -> None:
-        """Only the changelog partitions of the tier partitions held here: each is written by the
-        one worker that owns it, so an open transaction there that outlives our transaction
-        timeout is hanging, and every turn that holds or releases something writes one."""
+        """The changelog partitions of the tier partitions held here (each written by the one
+        worker that owns it), and the priority and audit partitions every worker writes."""
         partitions: list[Partition] = []
         for tier in self.worker.tiers:
             with tier.lock:
                 owned = set(tier.stores) | tier.restoring
             partitions.extend((tier.state_topic, p) for p in sorted(owned))
         try:
-            self.stability.check(partitions)
+            self.stability.check([*partitions, *self.stability.shared_partitions()])
         except BrokerError as exc:
             log.debug("stability check: %s", exc)
 

@@ -98,23 +98,31 @@ def test_metrics_move_as_deferrals_flow(
         assert _value(now, "ensync_ready") == 1
         assert not any(name == "ensync_open_transaction_seconds" for name, _ in now)
 
-        # A transaction left open on a changelog partition shows, and goes once it ends.
+        # A transaction left open where the tiers write shows, and goes once it ends.
         monkeypatch.setattr(monitor, "STABILITY_CHECK_INTERVAL_S", 0.2)
-        changelog = {"topic": f"{unique_prefix}.state.1m", "partition": "0"}
+        held = [
+            {"topic": f"{unique_prefix}.state.1m", "partition": "0"},  # a changelog
+            {"topic": f"{unique_prefix}.default.p4", "partition": "0"},  # a priority topic
+        ]
         producer = transactional_producer(kafka_bootstrap)
         producer.begin_transaction()
-        producer.produce(changelog["topic"], b"open", b"k", partition=0)
+        for labels in held:
+            producer.produce(labels["topic"], b"open", b"k", partition=0)
         assert producer.flush(30) == 0
-        wait_until(
-            lambda: _value(_scrape(port), "ensync_open_transaction_seconds", **changelog) > 0.5,
-            timeout=WAIT_S,
-            what="the open transaction's age on the changelog partition",
-        )
+
+        def ages() -> list[float]:
+            now = _scrape(port)
+            return [_value(now, "ensync_open_transaction_seconds", **labels) for labels in held]
+
+        wait_until(lambda: min(ages()) > 0.5, timeout=WAIT_S, what="the open transaction's ages")
         producer.commit_transaction(30)
         wait_until(
             lambda: (
-                ("ensync_open_transaction_seconds", tuple(sorted(changelog.items())))
-                not in _scrape(port)
+                not any(
+                    ("ensync_open_transaction_seconds", tuple(sorted(labels.items())))
+                    in _scrape(port)
+                    for labels in held
+                )
             ),
             timeout=WAIT_S,
             what="the gauge to drop the committed transaction",
