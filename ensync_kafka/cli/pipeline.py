@@ -14,7 +14,7 @@ from ..hanging import OFFSETS_TOPIC, find_hanging, plan_repairs
 from ..models import Receipt
 from ..republish import republish
 from ..runner import Worker
-from ..topics import TopicNames, ensure_topics
+from ..topics import ensure_topics
 from ._common import CONTEXT_SETTINGS, config_option, load
 
 
@@ -63,8 +63,6 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
     report = find_hanging(config, groups=groups, max_age_s=limit)
     bootstrap = config.kafka.client_settings().get("bootstrap.servers", "BOOTSTRAP")
     hanging = report.hanging
-    names = TopicNames(config.prefix)
-    state_topics = {OFFSETS_TOPIC, *(names.state(t.name) for t in config.tiers)}
     click.echo(
         f"checked {len(report.checked)} partitions; a transaction open longer than "
         f"{report.max_age_s:g} s is hanging"
@@ -79,7 +77,7 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
         )
         if txn in hanging:
             click.echo(f"         {txn.abort_command(str(bootstrap))}")
-            if txn.topic not in state_topics:
+            if txn.topic != OFFSETS_TOPIC:
                 click.echo(
                     f"         ensync-kafka topics republish --topic {txn.topic} "
                     f"--partition {txn.partition} --from {txn.start_offset} --to {txn.end_offset}"
@@ -124,15 +122,16 @@ def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: st
 
 @topics.command("republish", context_settings=CONTEXT_SETTINGS)
 @config_option
-@click.option("--topic", required=True, help="A priority or audit topic")
+@click.option("--topic", required=True, help="A priority, audit or changelog topic")
 @click.option("--partition", type=int, required=True)
 @click.option("--from", "start", type=int, required=True, help="First offset of the range")
 @click.option("--to", "end", type=int, required=True, help="Offset after the range")
 def topics_republish(
     config_path: str | None, topic: str, partition: int, start: int, end: int
 ) -> None:
-    """After a hanging transaction's abort: write again the deliveries (and DELIVERED audit
-    records) it hid in [--from, --to) whose turn committed, as its changelog shows."""
+    """After a hanging transaction's abort: write again what it hid in [--from, --to) of a
+    turn that committed (deliveries, DELIVERED audit records, a release's changelog records),
+    matched by delivery stamp against the rest of the turn."""
     report = republish(load(config_path), topic, partition, start, end)
     click.echo(
         f"{topic}[{partition}] {start}..{end}: {report.hidden} hidden, "

@@ -295,7 +295,8 @@ def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
         republishes = [line for line in lines if line.startswith("ensync-kafka topics republish")]
         assert republishes == [
             f"ensync-kafka topics republish --topic {names.priority('default', 3)} --partition 0 "
-            "--from 0 --to 1"
+            "--from 0 --to 1",
+            f"ensync-kafka topics republish --topic {changelog} --partition 1 --from 0 --to 1",
         ]
         for line in aborts + rewinds:
             ok(run(kafka_bootstrap, *_kafka_tool(line)))

@@ -22,7 +22,7 @@ from ensync_kafka.codec import DELIVERED, delivered_from_deferral, marker_tail, 
 from ensync_kafka.hanging import stable_offsets
 from ensync_kafka.models import now_ms
 from ensync_kafka.republish import hidden_records, republish
-from ensync_kafka.state import MARKER_PREFIX
+from ensync_kafka.state import MARKER_PREFIX, TIMER, timer_key
 from ensync_kafka.topics import TopicNames
 from tests.helpers import TopicReader, pipeline_config, raw_deferral, transactional_producer
 
@@ -108,3 +108,43 @@ def test_only_deliveries_of_committed_turns_are_written_again(
             republish(config, topic, 0, 0, 100)
     finally:
         open_txn.abort_transaction(30)
+
+
+def test_a_hidden_release_on_a_changelog_is_written_again_when_delivered(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    """The other side of a turn committed in part: its delivery counts, its changelog records
+    were aborted. A state rebuilt without them would release the deferral again."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path)
+    assert ensure_topics(config).ok
+    names = TopicNames(unique_prefix)
+    changelog = names.state("1s")
+    stamp = now_ms()
+    plain = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    delivered = delivered_from_deferral(raw_deferral("shipped", priority=2), stamp, "1s")
+    plain.produce(names.priority("default", 2), delivered, b"shipped", 1)
+    assert plain.flush(30) == 0
+    aborted = transactional_producer(kafka_bootstrap)
+    aborted.begin_transaction()
+    for defer_id in ("shipped", "unshipped"):  # "unshipped": its delivery was aborted too
+        timer = TIMER + timer_key(stamp - 5, 2, defer_id)
+        marker = marker_value(defer_id.encode(), marker_tail("DELIVERED", stamp))
+        aborted.produce(changelog, None, timer, 0)
+        aborted.produce(changelog, marker, MARKER_PREFIX + defer_id.encode(), 0)
+    aborted.produce(changelog, b"an intake", TIMER + timer_key(stamp + 9, 1, "held"), 0)
+    assert aborted.flush(30) == 0
+    aborted.abort_transaction(30)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    end = stable_offsets(admin, [(changelog, 0)])[(changelog, 0)][1]
+
+    report = republish(config, changelog, 0, 0, end)
+    assert report.hidden == 5
+    assert report.republished == ["shipped", "shipped"]  # its timer's removal, its marker
+    assert sorted(report.left) == ["offset 4", "unshipped", "unshipped"]  # and the intake
+    with TopicReader(kafka_bootstrap, [changelog]) as reader:
+        reader.poll_until(lambda r: len(r) >= 2, timeout=WAIT_S, what="the changelog")
+        reader.drain(1.0)
+    assert [r.key for r in reader.records] == [
+        TIMER + timer_key(stamp - 5, 2, "shipped"),
+        MARKER_PREFIX + b"shipped",
+    ]
