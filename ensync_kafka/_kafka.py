@@ -7,12 +7,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from .config import Config
+from .exceptions import BrokerError
 
 log = logging.getLogger("ensync_kafka.kafka")
 
@@ -169,6 +170,30 @@ def reader(config: Config, purpose: str, settings: Mapping[str, Any] | None = No
             **(settings or {}),
         }
     )
+
+
+READ_TIMEOUT_S = 60.0
+"""How long :func:`read_partition` may take to reach the end of what it reads."""
+
+
+def read_partition(
+    consumer: Consumer, tp: TopicPartition, end: int | None = None
+) -> Iterator[Message]:
+    """The records of ``tp`` from its offset up to ``end``, or to the partition's end as
+    ``consumer`` sees it (it needs ``enable.partition.eof``); ``consumer`` is assigned ``tp``."""
+    consumer.assign([tp])
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for msg in consumer.consume(1000, 0.5):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return
+                raise BrokerError(f"reading {tp.topic}[{tp.partition}]: {err.str()}")
+            if end is not None and where(msg)[1] >= end:
+                return
+            yield msg
+    raise BrokerError(f"reading {tp.topic}[{tp.partition}] took over {READ_TIMEOUT_S:.0f} s")
 
 
 class BrokerWatch:

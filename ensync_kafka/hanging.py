@@ -33,7 +33,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     OffsetSpec,
 )
 
-from ._kafka import reader
+from ._kafka import read_partition, reader
 from .config import Config
 from .exceptions import BrokerError
 from .models import now_ms
@@ -45,8 +45,6 @@ OFFSETS_TOPIC = "__consumer_offsets"
 KAFKA_MAX_TRANSACTION_TIMEOUT_S = 900.0
 """Kafka's default ``transaction.max.timeout.ms``: no transaction may stay open longer."""
 ADMIN_TIMEOUT_S = 15.0
-OFFSETS_READ_TIMEOUT_S = 60.0
-"""How long reading one partition of ``__consumer_offsets`` (compacted) may take."""
 OFFSETS_ATTEMPTS = 5
 OFFSETS_RETRY_S = 0.5
 _LEADER_MOVING = frozenset(
@@ -238,29 +236,19 @@ def committed_before(
     the last stable offset until then."""
     consumer = reader(config, "hanging-offsets", {"enable.partition.eof": True})
     positions: dict[int, int] = {}
+    start = TopicPartition(OFFSETS_TOPIC, offsets_partition_number, OFFSET_BEGINNING)
     try:
-        consumer.assign([TopicPartition(OFFSETS_TOPIC, offsets_partition_number, OFFSET_BEGINNING)])
-        deadline = time.monotonic() + OFFSETS_READ_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.5):
-                err = msg.error()
-                offset = msg.offset()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        return positions
-                    continue
-                if offset is not None and offset >= before:
-                    return positions
-                commit = offset_commit_record(msg.key(), msg.value())
-                if commit is None or commit[0] != group or commit[1] != topic:
-                    continue
-                if commit[3] is None:
-                    positions.pop(commit[2], None)
-                else:
-                    positions[commit[2]] = commit[3]
-        raise BrokerError(f"reading {OFFSETS_TOPIC}[{offsets_partition_number}] timed out")
+        for msg in read_partition(consumer, start, before):
+            commit = offset_commit_record(msg.key(), msg.value())
+            if commit is None or commit[0] != group or commit[1] != topic:
+                continue
+            if commit[3] is None:
+                positions.pop(commit[2], None)
+            else:
+                positions[commit[2]] = commit[3]
     finally:
         consumer.close()
+    return positions
 
 
 def partition_counts(admin: AdminClient) -> dict[str, int]:

@@ -18,14 +18,13 @@ the aborts; the partition must have nothing open.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from ._kafka import reader, where
+from ._kafka import read_partition, reader, where
 from .codec import AUDIT, DELIVERED, MARKER
 from .config import Config
 from .exceptions import BrokerError, SerializationError
@@ -33,12 +32,11 @@ from .hanging import stable_offsets
 from .state import MARKER_PREFIX, TIMER
 from .topics import TopicNames
 
-READ_TIMEOUT_S = 60.0
-"""How long reading one range (or the changelog around a stamp) may take."""
 MARKER_WINDOW_MS = 60_000
 """How far on either side of a delivery stamp its changelog marker is looked for: the turn
 writes it when it stages its releases, at most a turn away from the stamp."""
 FLUSH_TIMEOUT_S = 30.0
+LIST_TIMEOUT_S = 15.0
 Decision = tuple[Message, str | None, bool]
 """A hidden record, the defer_id it is about (None: not one of ours), whether to write it."""
 TIMER_KEY_ID_AT = 1 + 8 + 1
@@ -50,26 +48,9 @@ class RepublishReport:
     hidden: int
     """Records in the range that read_committed readers do not see."""
     republished: list[str]
-    """defer_ids whose delivery (or DELIVERED audit record) was written again."""
+    """The defer_ids of the records written again."""
     left: list[str]
     """Hidden records not proven committed (defer_id, or the offset when not ours): not written."""
-
-
-def _records(consumer: Consumer, tp: TopicPartition, end: int | None = None) -> Iterator[Message]:
-    """The records of ``tp`` from its offset up to ``end`` (or the partition's end)."""
-    consumer.assign([tp])
-    deadline = time.monotonic() + READ_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for msg in consumer.consume(1000, 0.5):
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    return
-                raise BrokerError(f"reading {tp.topic}[{tp.partition}]: {err.str()}")
-            if end is not None and where(msg)[1] >= end:
-                return
-            yield msg
-    raise BrokerError(f"reading {tp.topic}[{tp.partition}] took over {READ_TIMEOUT_S:.0f} s")
 
 
 def _range(
@@ -77,7 +58,7 @@ def _range(
 ) -> list[Message]:
     consumer = reader(config, "republish", {"isolation.level": level, "enable.partition.eof": True})
     try:
-        return list(_records(consumer, TopicPartition(topic, partition, start), end))
+        return list(read_partition(consumer, TopicPartition(topic, partition, start), end))
     finally:
         consumer.close()
 
@@ -112,17 +93,17 @@ def _window(config: Config, topic: str, first_ms: int, last_ms: int) -> Iterator
     before ``first_ms`` to as long after ``last_ms`` (by record timestamp)."""
     consumer = reader(config, "republish-window", {"enable.partition.eof": True})
     try:
-        meta = consumer.list_topics(topic, timeout=READ_TIMEOUT_S).topics.get(topic)
+        meta = consumer.list_topics(topic, timeout=LIST_TIMEOUT_S).topics.get(topic)
         if meta is None or meta.error is not None:
             raise BrokerError(f"topic {topic} not found")
         starts = consumer.offsets_for_times(
             [TopicPartition(topic, p, first_ms - MARKER_WINDOW_MS) for p in meta.partitions],
-            READ_TIMEOUT_S,
+            LIST_TIMEOUT_S,
         )
         for tp in starts:
             if tp.offset < 0:  # nothing written since
                 continue
-            for msg in _records(consumer, tp):
+            for msg in read_partition(consumer, tp):
                 if msg.timestamp()[1] > last_ms + MARKER_WINDOW_MS:
                     break
                 yield msg
