@@ -29,6 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
+    ClusterMetadata,
     ConfigResource,
     OffsetSpec,
 )
@@ -193,19 +194,17 @@ def open_transactions(
     ]
 
 
-def max_transaction_timeout_s(admin: AdminClient) -> float:
-    """The broker's ``transaction.max.timeout.ms``; Kafka's default where it cannot be read
-    (no DescribeConfigs permission, say)."""
+def max_transaction_timeout_s(admin: AdminClient, brokers: Iterable[int]) -> float:
+    """The broker's ``transaction.max.timeout.ms`` (the first of ``brokers``); Kafka's default
+    where it cannot be read (no DescribeConfigs permission, say)."""
     try:
-        brokers = admin.list_topics(timeout=ADMIN_TIMEOUT_S).brokers
-        if brokers:
-            resource = ConfigResource("BROKER", str(min(brokers)))
-            futures = admin.describe_configs([resource], request_timeout=ADMIN_TIMEOUT_S)
-            for future in futures.values():
-                entry = future.result().get("transaction.max.timeout.ms")
-                if entry is not None and entry.value:
-                    return int(entry.value) / 1000
-    except KafkaException as exc:
+        resource = ConfigResource("BROKER", str(min(brokers)))
+        futures = admin.describe_configs([resource], request_timeout=ADMIN_TIMEOUT_S)
+        for future in futures.values():
+            entry = future.result().get("transaction.max.timeout.ms")
+            if entry is not None and entry.value:
+                return int(entry.value) / 1000
+    except (KafkaException, ValueError) as exc:  # ValueError: no broker
         log.debug("transaction.max.timeout.ms: %s", exc)
     return KAFKA_MAX_TRANSACTION_TIMEOUT_S
 
@@ -251,13 +250,16 @@ def committed_before(
     return positions
 
 
-def partition_counts(admin: AdminClient) -> dict[str, int]:
-    """Every topic of the cluster (``__consumer_offsets`` among them) and its partition count."""
+def cluster_metadata(admin: AdminClient) -> ClusterMetadata:
     try:
-        topics = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+        return admin.list_topics(timeout=ADMIN_TIMEOUT_S)
     except KafkaException as exc:
         raise _failed("listing topics", exc) from exc
-    return {name: len(t.partitions) for name, t in topics.items() if t.error is None}
+
+
+def partition_counts(metadata: ClusterMetadata) -> dict[str, int]:
+    """Every topic of the cluster (``__consumer_offsets`` among them) and its partition count."""
+    return {name: len(t.partitions) for name, t in metadata.topics.items() if t.error is None}
 
 
 def offsets_partitions(
@@ -284,15 +286,17 @@ def find_hanging(
     partitions of the tiers' groups and of ``groups``; those older than ``max_age_s`` (the
     broker's ``transaction.max.timeout.ms`` by default) are hanging."""
     admin = AdminClient(config.kafka.client_settings())
-    counts = partition_counts(admin)
+    metadata = cluster_metadata(admin)
+    counts = partition_counts(metadata)
     by_group = offsets_partitions(config, counts, groups)
     partitions = sorted(
         {*project_partitions(config, counts), *((OFFSETS_TOPIC, p) for p in by_group.values())}
     )
-    limit = max_transaction_timeout_s(admin) if max_age_s is None else max_age_s
+    if max_age_s is None:
+        max_age_s = max_transaction_timeout_s(admin, metadata.brokers)
     return HangingReport(
         checked=partitions,
-        max_age_s=limit,
+        max_age_s=max_age_s,
         open=open_transactions(config, partitions, admin),
         groups=by_group,
     )
@@ -374,7 +378,7 @@ class StabilityWatch:
         """Every partition of the priority topics and the audit topic."""
         names = TopicNames(self._config.prefix)
         topics = {names.audit, *(t for q in self._config.queues for t in names.queue(q))}
-        counts = partition_counts(self.admin)
+        counts = partition_counts(cluster_metadata(self.admin))
         return sorted((t, p) for t in topics if t in counts for p in range(counts[t]))
 
     def check(self, partitions: Iterable[Partition]) -> dict[Partition, float]:
