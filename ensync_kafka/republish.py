@@ -145,7 +145,10 @@ def _changelog_entry(msg: Message) -> tuple[str, int | None] | None:
     None for anything else (an intake's timer, a cancel): what a release writes to a changelog."""
     key, value = msg.key() or b"", msg.value()
     if key.startswith(MARKER_PREFIX) and value is not None:
-        marker = MARKER.decode(value)
+        try:
+            marker = MARKER.decode(value)
+        except SerializationError:
+            return None
         return (marker["defer_id"], marker["at"]) if marker["status"] == "DELIVERED" else None
     if key.startswith(TIMER) and value is None and len(key) > TIMER_KEY_ID_AT:
         return key[TIMER_KEY_ID_AT:].decode(), None
