@@ -54,7 +54,8 @@ def topics_create(config_path: str | None) -> None:
 )
 def topics_hanging(config_path: str | None, groups: tuple[str, ...], max_age: str | None) -> None:
     """Find transactions left open on the topics' partitions (and the groups' offsets) for
-    longer than any transaction may last, and print the command that ends each."""
+    longer than any transaction may last, and print the steps that end them without losing a
+    deferral (exit 1 when there is one)."""
     try:
         limit = None if max_age is None else parse_duration(max_age)
     except ValueError as exc:
