@@ -379,7 +379,7 @@ class StabilityWatch:
         names = TopicNames(self._config.prefix)
         topics = {names.audit, *(t for q in self._config.queues for t in names.queue(q))}
         counts = partition_counts(cluster_metadata(self.admin))
-        return sorted((t, p) for t in topics if t in counts for p in range(counts[t]))
+        return [tp for tp in project_partitions(self._config, counts) if tp[0] in topics]
 
     def check(self, partitions: Iterable[Partition]) -> dict[Partition, float]:
         offsets = stable_offsets(self.admin, partitions)

@@ -121,6 +121,12 @@ def raw_deferral(defer_id: str, **changes: Any) -> bytes:
     return DEFERRAL.encode({**record, **changes})
 
 
+def kafka_script(line: str) -> tuple[str, list[str]]:
+    """A printed ``kafka-<tool>.sh ARGS`` command as (tool, ARGS), for ``broker tool``."""
+    script, *args = line.split()
+    return script.removeprefix("kafka-").removesuffix(".sh"), args
+
+
 OPEN_TXN_TIMEOUT_MS = 120_000
 """A test's transaction left open is not ended by its coordinator for this long."""
 

@@ -32,7 +32,14 @@ from ensync_kafka.localbroker import LocalBroker
 from ensync_kafka.republish import republish
 from ensync_kafka.topics import TopicNames
 from tests.e2e.test_pipeline_exactly_once import CHUNKS, TIERS, skipped_markers, stream
-from tests.helpers import TopicReader, WorkerProcess, collect_ledger, pipeline_mapping, write_config
+from tests.helpers import (
+    TopicReader,
+    WorkerProcess,
+    collect_ledger,
+    kafka_script,
+    pipeline_mapping,
+    write_config,
+)
 
 SETTLE_S = 60.0
 """How long the stream gets to finish before the transactions still open count as hanging."""
@@ -43,10 +50,8 @@ ABORT_ROUNDS = 5
 
 def kafka_tool(line: str) -> None:
     """Run a printed ``kafka-<tool>.sh ...`` command with Kafka's tool from the broker's jars."""
-    script, *args = line.split()
-    name = script.removeprefix("kafka-").removesuffix(".sh")
     result = subprocess.run(
-        tool_command(name, args), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
+        tool_command(*kafka_script(line)), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
     )
     print(f"  $ {line}\n    exit {result.returncode}: {result.stdout.strip()[-300:]}", flush=True)
 

@@ -17,6 +17,7 @@ from tests.helpers import (
     TopicReader,
     cli_command,
     cli_env,
+    kafka_script,
     pipeline_mapping,
     raw_deferral,
     transactional_producer,
@@ -229,12 +230,6 @@ def test_config_errors_and_unknown_tier_fail_clearly(
     assert "no such config file" in result.stderr
 
 
-def _kafka_tool(line: str) -> list[str]:
-    """A printed ``kafka-<tool>.sh ...`` command, as ``ensync-kafka broker tool <tool> ...``."""
-    script, *args = line.split()
-    return ["broker", "tool", script.removeprefix("kafka-").removesuffix(".sh"), *args]
-
-
 def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
@@ -299,7 +294,8 @@ def test_topics_hanging_names_an_old_open_transaction_and_the_way_out(
             f"ensync-kafka topics republish --topic {changelog} --partition 1 --from 0 --to 1",
         ]
         for line in aborts + rewinds:
-            ok(run(kafka_bootstrap, *_kafka_tool(line)))
+            tool, args = kafka_script(line)
+            ok(run(kafka_bootstrap, "broker", "tool", tool, *args))
         # Its turn never committed (no changelog marker): nothing is written again.
         again = ok(run(kafka_bootstrap, *republishes[0].split()[1:], "--config", str(config_path)))
         assert "1 hidden, 0 written again, 1 left" in again and "left           held-up" in again
