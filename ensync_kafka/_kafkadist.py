@@ -27,6 +27,8 @@ FETCH_TIMEOUT_S = 900.0
 ENV_CACHE = "ENSYNC_KAFKA_CACHE"
 LOCK_FILE = ".lock"
 LOG_TAIL_LINES = 25
+MAX_REPLICATION = 3
+"""A local cluster replicates internal topics (and topics by default) to at most 3 nodes."""
 """How many lines of a failed tool's output, or of the broker's log, an error quotes."""
 
 _LIBS = "libs"
@@ -136,12 +138,34 @@ def ensure_jars(cache: Path | None = None) -> Path:
 
 
 def render_server_properties(
-    *, host: str, broker_port: int, controller_port: int, log_dir: Path
+    *,
+    host: str,
+    broker_port: int,
+    controller_port: int,
+    log_dir: Path,
+    node_id: int = 1,
+    controllers: Mapping[int, int] | None = None,
 ) -> str:
-    """``ops/kafka/server.properties.template`` filled in for one broker."""
+    """``ops/kafka/server.properties.template`` filled in for one node.
+
+    ``controllers`` maps every node id of a cluster to its controller port (all on ``host``);
+    without it the node is a cluster of its own. Replication follows the cluster's size: 1 for
+    one node, else up to 3 with a minimum ISR one below it.
+    """
+    voters = controllers if controllers is not None else {node_id: controller_port}
+    if voters.get(node_id) != controller_port:
+        raise ValueError(f"node {node_id} is not a voter on port {controller_port}: {voters}")
+    replication = min(len(voters), MAX_REPLICATION)
     template = Template((_ops_dir() / "server.properties.template").read_text())
     return template.substitute(
-        host=host, broker_port=broker_port, controller_port=controller_port, log_dir=log_dir
+        host=host,
+        broker_port=broker_port,
+        controller_port=controller_port,
+        log_dir=log_dir,
+        node_id=node_id,
+        voters=",".join(f"{n}@{host}:{port}" for n, port in sorted(voters.items())),
+        replication=replication,
+        min_isr=max(1, replication - 1),
     )
 
 

@@ -169,8 +169,21 @@ class TierConfig(_Frozen):
 class TopicFamilyConfig(_Frozen):
     partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
     replication: int = Field(default=DEFAULT_REPLICATION, ge=1)
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+    """Replicas that must have a write before it is acknowledged (``acks=all``); None keeps the
+    broker's ``min.insync.replicas``. With replication 3, 2 lets one broker fail without
+    refusing writes or losing acknowledged ones."""
     retention: Duration | None = None
     """Seconds; None keeps the family's own default (see topics.py)."""
+
+    @model_validator(mode="after")
+    def _check_isr(self) -> TopicFamilyConfig:
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication:
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync_replicas}) exceeds replication "
+                f"({self.replication}): every write would be refused"
+            )
+        return self
 
 
 def _family(partitions: int = DEFAULT_PARTITIONS, retention: float | None = None) -> Any:

@@ -301,7 +301,7 @@ class LocalBroker:
     def _terminate(self, info: BrokerInfo, timeout: float) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` s; reaped here when we started it."""
         if self._process is not None and self._process.pid == info.pid:
-            self._stop_child(self._process, timeout)
+            stop_node_process(self._process, timeout)
         else:
             _kill(info.pid, timeout)
 
@@ -362,22 +362,12 @@ class LocalBroker:
         self, java: str, libs: Path, data_dir: Path, bootstrap: str, *, keep_data: bool
     ) -> BrokerInfo:
         """Run ``kafka.Kafka`` on the formatted ``data_dir`` until it serves clients."""
-        command = [
-            java, f"-Xms{self.heap}", f"-Xmx{self.heap}", *BROKER_JVM_OPTIONS, _log4j(),
-            "-cp", _classpath(libs), "kafka.Kafka", str(data_dir / "server.properties"),
-        ]  # fmt: skip
-        if self.log_file.exists():  # a restart's cause is in the run before: kept beside
-            self.log_file.replace(self.previous_log_file)
-        with self.log_file.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=data_dir,
-                start_new_session=True,
-                preexec_fn=_die_with_parent() if self.die_with_parent else None,
-            )
+        process = spawn_node(
+            broker_command(java, libs, self.heap, data_dir / "server.properties"),
+            data_dir,
+            self.log_file,
+            die_with_parent=self.die_with_parent,
+        )
         info = BrokerInfo(
             pid=process.pid,
             bootstrap=bootstrap,
@@ -387,65 +377,101 @@ class LocalBroker:
         )
         _write_json(self.state_file, info.to_json())  # before waiting: a killed start is found
         try:
-            self._await_ready(process, info)
+            await_started(process, self.log_file, bootstrap, self.start_timeout)
         except BaseException:
-            self._stop_child(process, KILL_WAIT_S)
+            stop_node_process(process, KILL_WAIT_S)
             self._forget(info, keep_data=keep_data)
             raise
         self._process = process
         return info
 
     def _format(self, java: str, libs: Path, properties: Path) -> None:
-        command = [
-            java, *TOOL_JVM_OPTIONS, _log4j(),
-            "-cp", _classpath(libs), "kafka.tools.StorageTool", "format",
-            "-t", new_cluster_id(), "-c", str(properties),
-        ]  # fmt: skip
-        try:
-            result = subprocess.run(
-                command, capture_output=True, text=True, timeout=FORMAT_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise LocalBrokerError(f"formatting broker storage took over {exc.timeout} s") from exc
-        if result.returncode != 0:
-            output = last_lines(result.stdout + result.stderr)
-            raise LocalBrokerError(f"formatting the broker storage failed:\n{output}")
+        format_storage(java, libs, properties, new_cluster_id())
 
-    def _await_ready(self, process: subprocess.Popen[bytes], info: BrokerInfo) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        marker = STARTED_MARKER.encode()
-        window = b""
-        with self.log_file.open("rb") as log:
-            while True:
-                window = window[-len(marker) :] + log.read()
-                if marker in window:
-                    break
-                if process.poll() is not None:
-                    text = _tail(self.log_file)
-                    if "Address already in use" in text:
-                        raise _PortTaken()
-                    raise LocalBrokerError(
-                        f"the broker exited with code {process.returncode} while starting; "
-                        f"last lines of {self.log_file}:\n{text}"
-                    )
-                if time.monotonic() >= deadline:
-                    raise LocalBrokerError(
-                        f"the broker did not start within {self.start_timeout:.0f} s; "
-                        f"last lines of {self.log_file}:\n{_tail(self.log_file)}"
-                    )
-                time.sleep(_POLL_S)
-        _confirm(info.bootstrap, max(5.0, deadline - time.monotonic()))
 
-    @staticmethod
-    def _stop_child(process: subprocess.Popen[bytes], timeout: float) -> None:
-        if process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(KILL_WAIT_S)
+# --- one node's process: shared with localcluster ------------------------------------------
+
+
+def broker_command(java: str, libs: Path, heap: str, properties: Path) -> list[str]:
+    return [
+        java, f"-Xms{heap}", f"-Xmx{heap}", *BROKER_JVM_OPTIONS, _log4j(),
+        "-cp", _classpath(libs), "kafka.Kafka", str(properties),
+    ]  # fmt: skip
+
+
+def spawn_node(
+    command: list[str], data_dir: Path, log_file: Path, *, die_with_parent: bool
+) -> subprocess.Popen[bytes]:
+    """Start a node's JVM in its own session, logging to ``log_file``; the log of the run before
+    is kept beside it (a restart's cause is there)."""
+    if log_file.exists():
+        log_file.replace(log_file.with_name(log_file.name + ".1"))
+    with log_file.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent() if die_with_parent else None,
+        )
+
+
+def format_storage(java: str, libs: Path, properties: Path, cluster_id: str) -> None:
+    command = [
+        java, *TOOL_JVM_OPTIONS, _log4j(),
+        "-cp", _classpath(libs), "kafka.tools.StorageTool", "format",
+        "-t", cluster_id, "-c", str(properties),
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=FORMAT_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise LocalBrokerError(f"formatting broker storage took over {exc.timeout} s") from exc
+    if result.returncode != 0:
+        output = last_lines(result.stdout + result.stderr)
+        raise LocalBrokerError(f"formatting the broker storage failed:\n{output}")
+
+
+def await_started(
+    process: subprocess.Popen[bytes], log_file: Path, bootstrap: str, timeout: float
+) -> None:
+    """Until the node logs that it started and answers a metadata request at ``bootstrap``."""
+    deadline = time.monotonic() + timeout
+    marker = STARTED_MARKER.encode()
+    window = b""
+    with log_file.open("rb") as log:
+        while True:
+            window = window[-len(marker) :] + log.read()
+            if marker in window:
+                break
+            if process.poll() is not None:
+                text = _tail(log_file)
+                if "Address already in use" in text:
+                    raise _PortTaken()
+                raise LocalBrokerError(
+                    f"the broker exited with code {process.returncode} while starting; "
+                    f"last lines of {log_file}:\n{text}"
+                )
+            if time.monotonic() >= deadline:
+                raise LocalBrokerError(
+                    f"the broker did not start within {timeout:.0f} s; "
+                    f"last lines of {log_file}:\n{_tail(log_file)}"
+                )
+            time.sleep(_POLL_S)
+    _confirm(bootstrap, max(5.0, deadline - time.monotonic()))
+
+
+def stop_node_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (a controlled shutdown), then SIGKILL after ``timeout`` s; reaped."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(KILL_WAIT_S)
 
 
 def _confirm(bootstrap: str, timeout: float) -> None:

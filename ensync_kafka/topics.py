@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -68,16 +69,31 @@ class TopicSpec:
     config: dict[str, str]
 
 
+_COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+
+
 def _ms(seconds: float) -> str:
     return str(int(seconds * 1000))
 
 
-def _spec(name: str, family: TopicFamilyConfig, **config: str) -> TopicSpec:
-    cfg = {"cleanup.policy": "delete", **config}
-    if family.retention is not None:
+def _spec(
+    name: str,
+    family: TopicFamilyConfig,
+    config: Mapping[str, str] | None = None,
+    *,
+    partitions: int | None = None,
+    retention: bool = True,
+) -> TopicSpec:
+    cfg = {"cleanup.policy": "delete", **(config or {})}
+    if retention and family.retention is not None:
         cfg["retention.ms"] = _ms(family.retention)
+    if family.min_insync_replicas is not None:
+        cfg["min.insync.replicas"] = str(family.min_insync_replicas)
     return TopicSpec(
-        name=name, partitions=family.partitions, replication=family.replication, config=cfg
+        name=name,
+        partitions=family.partitions if partitions is None else partitions,
+        replication=family.replication,
+        config=cfg,
     )
 
 
@@ -87,31 +103,17 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     specs: list[TopicSpec] = []
     for tier in config.tiers:
         retention = max(TIER_RETENTION_FLOOR_S, 2 * tier.span)
-        specs.append(_spec(names.defer(tier.name), t.defer, **{"retention.ms": _ms(retention)}))
+        specs.append(_spec(names.defer(tier.name), t.defer, {"retention.ms": _ms(retention)}))
         # The changelog must mirror the tier topic's partitioning: partition p's state lives in
         # changelog partition p.
-        specs.append(
-            TopicSpec(
-                name=names.state(tier.name),
-                partitions=t.defer.partitions,
-                replication=t.defer.replication,
-                config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
-            )
-        )
+        specs.append(_spec(names.state(tier.name), t.defer, _COMPACTED, retention=False))
     for queue in config.queues:
         specs.extend(_spec(name, t.priority) for name in names.queue(queue))
     specs.append(_spec(names.audit, t.audit))
     specs.append(_spec(names.dead, t.dead))
     specs.append(_spec(names.invalid, t.invalid))
     # The worker registry: tiny, compacted, one partition so a reader sees one ordered history.
-    specs.append(
-        TopicSpec(
-            name=names.workers,
-            partitions=1,
-            replication=t.audit.replication,
-            config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"},
-        )
-    )
+    specs.append(_spec(names.workers, t.audit, _COMPACTED, partitions=1, retention=False))
     return specs
 
 
@@ -187,9 +189,15 @@ def _verify(admin: AdminClient, specs: list[TopicSpec]) -> list[str]:
                 f"{spec.name}: has {partitions} partitions, the configuration expects "
                 f"{spec.partitions}"
             )
-        policy = configs[spec.name]["cleanup.policy"].value
-        if policy != spec.config["cleanup.policy"]:
+        replicas = {len(p.replicas) for p in metadata[spec.name].partitions.values()}
+        if replicas != {spec.replication}:
             problems.append(
-                f"{spec.name}: cleanup.policy is {policy}, expected {spec.config['cleanup.policy']}"
+                f"{spec.name}: has replication {'/'.join(map(str, sorted(replicas)))}, the "
+                f"configuration expects {spec.replication}"
             )
+        for key in ("cleanup.policy", "min.insync.replicas"):
+            expected = spec.config.get(key)
+            actual = configs[spec.name][key].value
+            if expected is not None and actual != expected:
+                problems.append(f"{spec.name}: {key} is {actual}, expected {expected}")
     return problems

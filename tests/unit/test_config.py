@@ -227,6 +227,7 @@ def test_unknown_key_names_the_path(data: dict, expected: str) -> None:
         ({"defer": {"max_payload_bytes": 0}}, "defer.max_payload_bytes"),
         ({"topics": {"priority": {"partitions": 0}}}, "topics.priority.partitions"),
         ({"topics": {"audit": {"retention": "forever"}}}, "topics.audit.retention"),
+        ({"topics": {"defer": {"min_insync_replicas": 0}}}, "topics.defer.min_insync_replicas"),
         ({"tiers": [{"name": "1s", "span": -1}]}, "tiers.0.span"),
         ({"tiers": [{"name": "1s", "span": 1}, {"name": "bad/name", "span": 5}]}, "tiers.1.name"),
         ({"prefix": "has space"}, "prefix"),
@@ -251,6 +252,12 @@ def test_bad_tiers_name_tiers(tiers: list, expected: str) -> None:
     message = config_error({"tiers": tiers})
     assert "tiers" in message
     assert expected in message
+
+
+def test_min_insync_replicas_above_replication_names_the_family() -> None:
+    message = config_error({"topics": {"priority": {"replication": 2, "min_insync_replicas": 3}}})
+    assert "topics.priority:" in message
+    assert "min_insync_replicas (3) exceeds replication (2)" in message
 
 
 def test_duplicate_queues_rejected() -> None:

@@ -143,6 +143,38 @@ def test_server_properties_single_node_kraft(tmp_path: Path) -> None:
     assert not any("$" in v for v in props.values())
 
 
+def test_server_properties_node_of_a_three_node_cluster(tmp_path: Path) -> None:
+    controllers = {1: 40002, 2: 40004, 3: 40006}
+    props = _properties(
+        render_server_properties(
+            host="127.0.0.1",
+            broker_port=40003,
+            controller_port=40004,
+            log_dir=tmp_path / "log",
+            node_id=2,
+            controllers=controllers,
+        )
+    )
+    assert props["node.id"] == "2"
+    assert props["controller.quorum.voters"] == (
+        "1@127.0.0.1:40002,2@127.0.0.1:40004,3@127.0.0.1:40006"
+    )
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:40003,CONTROLLER://127.0.0.1:40004"
+    for key in ("offsets.topic.replication.factor", "transaction.state.log.replication.factor"):
+        assert props[key] == "3", key
+    for key in ("transaction.state.log.min.isr", "min.insync.replicas"):
+        assert props[key] == "2", key
+    with pytest.raises(ValueError, match="not a voter"):
+        render_server_properties(
+            host="127.0.0.1",
+            broker_port=40003,
+            controller_port=40009,
+            log_dir=tmp_path / "log",
+            node_id=2,
+            controllers=controllers,
+        )
+
+
 def test_cluster_id_is_a_kafka_uuid() -> None:
     ids = {new_cluster_id() for _ in range(200)}
     assert len(ids) == 200
