@@ -33,6 +33,7 @@ wait on our rebalance callbacks (a tier's restore can take minutes), are ``stead
 ``init`` and ``wait-metadata``: where a consumer sits, its coordinator found, before it subscribes
 and for as long as none of the topics it subscribed to exists (it joins once one is created)."""
 GIVE_UP_CHECK_S = 0.1
+STRANDED = "its client knows no broker"
 """How often a bounded call's waiter serves its client and asks whether to give up."""
 
 
@@ -85,11 +86,11 @@ class BoundedCall:
     raises CallAbandoned then, and ``abandon()`` (closing the client, say) runs once the call
     has returned. Meanwhile the caller may do other work with the client.
 
-    With ``give_up``, :meth:`result` abandons the call as soon as ``give_up()`` says waiting
-    cannot help (its client is stranded: BrokerWatch), calling ``serve()`` meanwhile: a
-    blocked transactional call serves none of the client's callbacks, so without it the
-    statistics that tell a stranded client never arrive, and the caller would wait out the
-    whole bound (95 s for send_offsets_to_transaction) with the tier standing still."""
+    With ``give_up``, :meth:`result` abandons the call as soon as ``give_up()`` says why
+    waiting cannot help (its client is stranded: BrokerWatch; an attempt overran its own
+    timeout: TimedAttempts), calling ``serve()`` meanwhile: a blocked transactional call serves
+    none of the client's callbacks, so without it the statistics that tell a stranded client
+    never arrive, and the caller would wait out the whole bound with the tier standing still."""
 
     def __init__(
         self,
@@ -98,7 +99,7 @@ class BoundedCall:
         what: str,
         abandon: Callable[[], None],
         *,
-        give_up: Callable[[], bool] | None = None,
+        give_up: Callable[[], str | None] | None = None,
         serve: Callable[[], object] | None = None,
     ) -> None:
         self._call, self._what, self._abandon = call, what, abandon
@@ -133,21 +134,48 @@ class BoundedCall:
                 break
             if self._serve is not None:
                 self._serve()
-            gave_up = self._give_up is not None and self._give_up()
-            if gave_up or time.monotonic() >= self._deadline:
+            reason = self._give_up() if self._give_up is not None else None
+            if reason or time.monotonic() >= self._deadline:
                 with self._lock:
                     self._abandoned = not self._done.is_set()
                 if self._abandoned:
                     elapsed = self._limit_s - (self._deadline - time.monotonic())
                     why = (
-                        f"its client knows no broker; given up after {elapsed:.0f} s"
-                        if gave_up
+                        f"{reason}; given up after {elapsed:.0f} s"
+                        if reason
                         else f"no return in {self._limit_s:.0f} s"
                     )
                     raise CallAbandoned(KafkaError(KafkaError._TIMED_OUT, f"{self._what}: {why}"))
                 break
         if self._raised is not None:
             raise self._raised
+
+
+class TimedAttempts:
+    """A librdkafka call given ``timeout`` per attempt, to repeat with :func:`retrying`.
+    :meth:`overrun` says when the attempt under way has outlasted its timeout by OVERRUN_GRACE_S:
+    librdkafka is ignoring it (send_offsets_to_transaction, #5456), and no later attempt comes
+    while this one blocks."""
+
+    def __init__(self, call: Callable[[float], None], timeout: float) -> None:
+        self._call, self.timeout = call, timeout
+        self._started: float | None = None
+
+    def __call__(self) -> None:
+        self._started = time.monotonic()
+        try:
+            self._call(self.timeout)
+        finally:
+            self._started = None
+
+    def overrun(self) -> str | None:
+        started = self._started
+        if started is None:
+            return None
+        waited = time.monotonic() - started
+        if waited <= self.timeout + OVERRUN_GRACE_S:
+            return None
+        return f"an attempt had no answer in {waited:.0f} s, past its {self.timeout:.0f} s timeout"
 
 
 def bounded(

@@ -14,7 +14,16 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from ._kafka import TXN_CALL_ATTEMPTS, BoundedCall, BrokerWatch, CallAbandoned, retire, retrying
+from ._kafka import (
+    STRANDED,
+    TXN_CALL_ATTEMPTS,
+    BoundedCall,
+    BrokerWatch,
+    CallAbandoned,
+    TimedAttempts,
+    retire,
+    retrying,
+)
 from .config import Config
 from .exceptions import BrokerError
 
@@ -22,6 +31,13 @@ log = logging.getLogger("ensync_kafka.worker")
 
 TXN_TIMEOUT_S = 30.0
 """librdkafka's timeout for each transactional call (and a commit's flush)."""
+SEND_OFFSETS_TIMEOUT_S = 10.0
+"""librdkafka's timeout for each attempt of send_offsets_to_transaction. A healthy one takes
+milliseconds, and one whose group coordinator moved (a broker of a cluster failing: fenced after
+its 9 s session, its partitions led by others at once) finds the new one within this. One still
+blocked OVERRUN_GRACE_S past it will not return (librdkafka #5456 ignores the timeout, #5511 keeps
+a coordinator that left): it is abandoned then, and the tier starts over. Given the 95 s bound of
+all attempts instead, a tier stood still for 95 s after a broker of three was killed."""
 ABORT_TIMEOUT_S = 10.0
 """librdkafka's timeout for an abort. A healthy one takes milliseconds; one still waiting after
 this waits on a coordinator that is away or a handle that is wedged (seen after a broker stall:
@@ -153,13 +169,15 @@ class TransactionalProducers:
         no overrun of it is known, and a thread handoff after the hold measured 0.8 ms per
         turn.)"""
         producer, watch = self.current, self._watches[self._n]
+        attempts = TimedAttempts(
+            lambda timeout: producer.send_offsets_to_transaction(offsets, metadata, timeout),
+            SEND_OFFSETS_TIMEOUT_S,
+        )
         return self._bounded(
             "send-offsets",
-            lambda: retrying(
-                lambda: producer.send_offsets_to_transaction(offsets, metadata, TXN_TIMEOUT_S),
-                give_up=lambda: watch.stranded,
-            ),
-            TXN_CALL_ATTEMPTS * TXN_TIMEOUT_S,
+            lambda: retrying(attempts, give_up=lambda: watch.stranded),
+            TXN_CALL_ATTEMPTS * SEND_OFFSETS_TIMEOUT_S,
+            overrun=attempts.overrun,
         )
 
     def commit(self) -> None:
@@ -181,18 +199,24 @@ class TransactionalProducers:
             "abort", lambda: producer.abort_transaction(ABORT_TIMEOUT_S), ABORT_TIMEOUT_S
         ).result()
 
-    def _bounded(self, what: str, call: Callable[[], None], timeout: float) -> BoundedCall:
+    def _bounded(
+        self,
+        what: str,
+        call: Callable[[], None],
+        timeout: float,
+        overrun: Callable[[], str | None] = lambda: None,
+    ) -> BoundedCall:
         """``call`` on the current producer as a BoundedCall, given up as soon as the producer
         is stranded (its watch, bound to this producer: a replacement's fresh watch must not
-        answer for it). Abandoned, the producer is closed once the call returns, not by
-        :meth:`replace` (which replaces it)."""
+        answer for it) or ``overrun()`` says why. Abandoned, the producer is closed once the
+        call returns, not by :meth:`replace` (which replaces it)."""
         producer, watch, name = self.current, self._watches[self._n], f"{self._tier}-{what}"
         return BoundedCall(
             call,
             timeout,
             name,
             abandon=lambda: retire(producer, name),
-            give_up=lambda: watch.stranded,
+            give_up=lambda: STRANDED if watch.stranded else overrun(),
             serve=lambda: producer.poll(0),
         )
 

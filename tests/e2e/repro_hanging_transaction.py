@@ -31,7 +31,8 @@ from ensync_kafka.hanging import OFFSETS_TOPIC, find_hanging, plan_repairs
 from ensync_kafka.localbroker import LocalBroker
 from ensync_kafka.republish import republish
 from ensync_kafka.topics import TopicNames
-from tests.e2e.test_pipeline_exactly_once import CHUNKS, TIERS, skipped_markers, stream
+from tests.e2e.ledger_stream import CHUNKS, TIERS, stream
+from tests.e2e.test_pipeline_exactly_once import skipped_markers
 from tests.helpers import (
     TopicReader,
     WorkerProcess,

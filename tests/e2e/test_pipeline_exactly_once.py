@@ -9,19 +9,14 @@ read_committed consumer of all the priority topics.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from ensync_kafka import (
-    BrokerError,
     DeferClient,
     DeferRequest,
     PriorityConsumer,
@@ -29,8 +24,16 @@ from ensync_kafka import (
 )
 from ensync_kafka.config import config_from_mapping
 from ensync_kafka.localbroker import DEFAULT_STOP_TIMEOUT_S, BrokerInfo, LocalBroker
-from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
+from tests.e2e.ledger_stream import (
+    CHUNKS,
+    DEFERRALS,
+    LEDGER_TIMEOUT_S,
+    TIERS,
+    delivered_count,
+    stream,
+    workers,
+)
 from tests.helpers import (
     FAST_GROUP_CLIENT,
     FAST_GROUP_WORKER,
@@ -45,13 +48,7 @@ from tests.helpers import (
     write_config,
 )
 
-TIERS = ("1s", "10s")
-DEFERRALS = 3000
-CHUNKS = 12
-CHUNK_INTERVAL_S = 0.5
-LEDGER_TIMEOUT_S = 90.0
 SIGTERM_EXIT_S = 10.0
-SEND_ATTEMPTS = 3
 FREEZE_TXN_TIMEOUT_S = 4.0
 OUTAGES = {"restart": 0.0, "freeze": 7.0, "freeze-past-session": 12.0}
 """Seconds the broker is frozen (SIGSTOP; 0: restarted instead). 7 s is longer than the
@@ -115,93 +112,6 @@ def skipped_markers(broker: LocalBroker) -> list[str]:
         for line in path.read_text(errors="replace").splitlines()
         if SKIPPED_MARKERS in line
     ]
-
-
-class Workers:
-    """Worker processes of one test, all on one config; ``workers()`` closes them."""
-
-    def __init__(self, bootstrap: str, config_path: Path, log_dir: Path) -> None:
-        self.bootstrap, self.config_path, self.log_dir = bootstrap, config_path, log_dir
-        self.started: list[WorkerProcess] = []
-
-    def start(self, worker_id: str, state_dir: Path) -> WorkerProcess:
-        proc = WorkerProcess(
-            self.bootstrap,
-            self.config_path,
-            worker_id=worker_id,
-            state_dir=state_dir,
-            log_dir=self.log_dir,
-        )
-        self.started.append(proc)
-        return proc
-
-
-@contextmanager
-def workers(bootstrap: str, config_path: Path, log_dir: Path) -> Iterator[Workers]:
-    group = Workers(bootstrap, config_path, log_dir)
-    try:
-        yield group
-    finally:
-        for proc in group.started:
-            proc.close()
-
-
-def stream(
-    client: DeferClient,
-    reader: TopicReader,
-    on_chunk: Callable[[int], None],
-    *,
-    seed: int,
-) -> dict[str, int]:
-    """Send DEFERRALS deferrals in CHUNKS chunks, CHUNK_INTERVAL_S apart; defer_id -> due ms.
-
-    ``on_chunk(i)`` runs after chunk i is acknowledged: that is where a test disturbs workers.
-    """
-    rng = random.Random(seed)
-    expected: dict[str, int] = {}
-    per_chunk = DEFERRALS // CHUNKS
-    for chunk in range(CHUNKS):
-        started = time.monotonic()
-        requests = [
-            DeferRequest(
-                name="ledger",
-                payload={"chunk": chunk, "i": i},
-                delay=round(rng.uniform(0.5, 4.0), 3),
-                priority=rng.randint(1, 5),
-                defer_id=f"c{chunk:02d}-{i:04d}",
-            )
-            for i in range(per_chunk)
-        ]
-        expected.update(send_until_acknowledged(client, requests))
-        on_chunk(chunk)
-        while time.monotonic() - started < CHUNK_INTERVAL_S:
-            reader.poll_once(0.05)
-    assert len(expected) == DEFERRALS
-    return expected
-
-
-def send_until_acknowledged(client: DeferClient, requests: list[DeferRequest]) -> dict[str, int]:
-    """defer_id -> due ms, sending again as a caller does when the broker does not acknowledge
-    in time (a stall outlasting DeferClient's acknowledgement timeout): the same requests, so the
-    same defer_ids and tiers, and the worker drops whatever copy comes second. That copy may be
-    the first send's, due earlier than the receipts say: after a re-send, the due time expected
-    is the earliest any copy can have (sent at ``sent_ms`` at the earliest)."""
-    sent_ms = to_ms(datetime.now(UTC))
-    for attempt in range(SEND_ATTEMPTS):
-        try:
-            receipts = client.defer_many(requests)
-        except BrokerError:
-            if attempt == SEND_ATTEMPTS - 1:
-                raise
-            continue
-        if attempt == 0:
-            return {r.defer_id: to_ms(r.due_at) for r in receipts}
-        return {r.defer_id: sent_ms + round(r.delay * 1000) for r in requests if r.defer_id}
-    raise AssertionError("unreachable")
-
-
-def delivered_count(reader: TopicReader) -> int:
-    return len(reader.records)
 
 
 @pytest.mark.timeout(300)

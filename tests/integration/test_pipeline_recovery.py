@@ -436,9 +436,8 @@ def test_send_offsets_that_never_returns_is_abandoned_and_nothing_is_lost_or_rep
     """send_offsets_to_transaction stays inside librdkafka past its timeout: the tier leaves it
     in its thread, starts over with a new producer (which settles the open transaction),
     delivers everything once, and closes the stuck producer only once its call returns."""
-    monkeypatch.setattr(_txn, "TXN_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(_txn, "SEND_OFFSETS_TIMEOUT_S", 4.0)
     monkeypatch.setattr(_kafka, "OVERRUN_GRACE_S", 1.0)
-    monkeypatch.setattr(_txn, "TXN_CALL_ATTEMPTS", 1)
     hang = _Hang("send_offsets_to_transaction")
     new_producer = TransactionalProducers._new
     monkeypatch.setattr(

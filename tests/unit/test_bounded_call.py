@@ -11,7 +11,14 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from ensync_kafka import _kafka
-from ensync_kafka._kafka import BoundedCall, CallAbandoned, bounded, retrying
+from ensync_kafka._kafka import (
+    STRANDED,
+    BoundedCall,
+    CallAbandoned,
+    TimedAttempts,
+    bounded,
+    retrying,
+)
 
 
 def test_a_call_that_returns_in_time_returns_and_nothing_is_abandoned() -> None:
@@ -69,7 +76,7 @@ def test_a_call_is_given_up_once_its_client_is_stranded_served_meanwhile() -> No
         30.0,
         "stranded",
         abandon=abandoned.set,
-        give_up=stranded.is_set,
+        give_up=lambda: STRANDED if stranded.is_set() else None,
         serve=lambda: served.append(time.monotonic()),
     )
     started = time.monotonic()
@@ -84,14 +91,14 @@ def test_a_call_is_given_up_once_its_client_is_stranded_served_meanwhile() -> No
 
 def test_a_watched_call_that_returns_is_not_given_up() -> None:
     call = BoundedCall(
-        lambda: time.sleep(0.2), 30.0, "watched", abandon=lambda: None, give_up=lambda: False
+        lambda: time.sleep(0.2), 30.0, "watched", abandon=lambda: None, give_up=lambda: None
     )
     call.result()  # returns, and raises nothing
 
     def fenced() -> None:
         raise KafkaException(KafkaError(KafkaError._FENCED))
 
-    failing = BoundedCall(fenced, 30.0, "watched", abandon=lambda: None, give_up=lambda: False)
+    failing = BoundedCall(fenced, 30.0, "watched", abandon=lambda: None, give_up=lambda: None)
     with pytest.raises(KafkaException) as info:
         failing.result()
     assert info.value.args[0].code() == KafkaError._FENCED
@@ -151,3 +158,31 @@ def test_retrying_serves_the_client_before_asking_whether_to_give_up() -> None:
             serve=lambda: stranded.__setitem__(0, True),
         )
     assert len(calls) == 1
+
+
+def test_an_attempt_that_overruns_its_own_timeout_is_given_up_before_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """send_offsets_to_transaction can ignore its timeout (librdkafka #5456): the attempt under
+    way is given up once it has outlasted its timeout by the grace, not at the bound of all
+    attempts, which a tier would otherwise stand still for."""
+    monkeypatch.setattr(_kafka, "OVERRUN_GRACE_S", 0.2)
+    release, timeouts = threading.Event(), []
+
+    def send(timeout: float) -> None:
+        timeouts.append(timeout)
+        if len(timeouts) == 1:  # the first attempt answers in time, retriably
+            raise _timed_out()
+        release.wait(30)  # the second never answers
+
+    attempts = TimedAttempts(send, 0.3)
+    call = BoundedCall(
+        lambda: retrying(attempts), 30.0, "overrun", abandon=lambda: None, give_up=attempts.overrun
+    )
+    started = time.monotonic()
+    with pytest.raises(CallAbandoned) as info:
+        call.result()
+    assert time.monotonic() - started < 5, "waited out the bound instead of giving up"
+    assert timeouts == [0.3, 0.3]
+    assert "an attempt had no answer" in info.value.args[0].str()
+    release.set()
