@@ -112,6 +112,10 @@ class TransactionalProducers:
         return self._producers[self._n]
 
     @property
+    def producers(self) -> tuple[Producer, ...]:
+        return self._producers
+
+    @property
     def stranded(self) -> bool:
         """The current producer knows no broker any more (BrokerWatch): it would wait for good."""
         return self._watches[self._n].stranded
@@ -221,9 +225,9 @@ class TransactionalProducers:
         )
 
     def replace(self, exc: KafkaException) -> None:
-        """Do what a restart would: a new producer with the current one's transactional id,
-        whose init_transactions fences it and completes or aborts what it left open. At most
-        PRODUCER_RENEWALS_MAX times in the window; then BrokerError."""
+        """Do what a restart would: new producers with the same transactional ids, whose
+        init_transactions fences the old ones and completes or aborts what they left open. At
+        most PRODUCER_RENEWALS_MAX times in the window; then BrokerError."""
         err: KafkaError = exc.args[0]
         now = time.monotonic()
         self.renewals = [t for t in self.renewals if now - t < PRODUCER_RENEWAL_WINDOW_S]
@@ -235,17 +239,37 @@ class TransactionalProducers:
                 code=err.code(),
             ) from exc
         self.renewals.append(now)
-        n, old = self._n, self.current
-        log.warning("tier %s: producer %d: %s; replacing it", self._tier, n, err.str())
-        fresh = self._new(n)
+        log.warning("tier %s: producer %d: %s; replacing it", self._tier, self._n, err.str())
+        try:
+            # An abandoned call's producer is closed once the call returns (_bounded). The
+            # others are replaced too, as a restart would: what stranded or wedged this one
+            # (a coordinator that left, cached: librdkafka #5511) is likely in them as well.
+            for n in range(len(self._producers)):
+                self._swap(n, retire_old=n != self._n or not isinstance(exc, CallAbandoned))
+        except KafkaException as init_exc:
+            raise BrokerError(
+                f"tier {self._tier}: replacing producer {self._n}: {init_exc}"
+            ) from init_exc
+
+    def renew(self, why: str) -> None:
+        """Replace every producer by a new one, outside the failure budget of :meth:`replace`;
+        between transactions only. For a cause that is not the producers' fault but that they
+        would not get over: ``why`` is logged."""
+        log.info("tier %s: new transactional producers: %s", self._tier, why)
+        for n in range(len(self._producers)):
+            self._swap(n, retire_old=True)
+
+    def _swap(self, n: int, *, retire_old: bool) -> None:
+        """Producer ``n`` replaced by a new one with its transactional id, whose
+        init_transactions fences the old one and completes or aborts what it left open."""
+        old, fresh = self._producers[n], self._new(n)
         try:
             fresh.init_transactions(TXN_TIMEOUT_S)
-        except KafkaException as init_exc:
-            raise BrokerError(f"tier {self._tier}: replacing producer {n}: {init_exc}") from (
-                init_exc
-            )
+        except KafkaException:
+            retire(fresh, f"{self._tier}-producer-{n}")
+            raise
         self._producers = (*self._producers[:n], fresh, *self._producers[n + 1 :])
-        if not isinstance(exc, CallAbandoned):  # else closed once the call returns (_bounded)
+        if retire_old:
             retire(old, f"{self._tier}-producer-{n}")
 
     def flush_all(self, timeout: float) -> None:

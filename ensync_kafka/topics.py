@@ -156,7 +156,7 @@ def ensure_topics(config: Config, admin: AdminClient | None = None) -> Provision
                 if err.name() != "TOPIC_ALREADY_EXISTS":  # lost a race with another process
                     msg = f"cannot create {name}: {err.str()}"
                     raise BrokerError(msg, code=err.code()) from exc
-    _await_metadata(admin, {s.name for s in specs})
+    _await_metadata(admin, {s.name for s in specs}, config)
     present = [s for s in specs if s.name not in created]
     mismatches = _verify(admin, present) if present else []
     return ProvisionReport(
@@ -164,14 +164,24 @@ def ensure_topics(config: Config, admin: AdminClient | None = None) -> Provision
     )
 
 
-def _await_metadata(admin: AdminClient, names: set[str]) -> None:
-    """A created topic is known to the controller first; brokers publish it to clients a little
-    later (KRaft metadata propagation). Return once all are visible, so callers can use them."""
+def _await_metadata(admin: AdminClient, names: set[str], config: Config) -> None:
+    """A created topic is known to the controller first; each broker publishes it to clients a
+    little later (KRaft metadata propagation), and a client asks whichever broker it reaches.
+    Return once every broker shows all of them, so callers can use them at once."""
     deadline = time.monotonic() + ADMIN_TIMEOUT_S
-    while missing := names - set(admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics):
-        if time.monotonic() > deadline:
-            raise BrokerError(f"created but not visible after {ADMIN_TIMEOUT_S:.0f}s: {missing}")
-        time.sleep(METADATA_POLL_S)
+    brokers = admin.list_topics(timeout=ADMIN_TIMEOUT_S).brokers.values()
+    for broker in brokers:
+        # A client's first metadata request goes to its bootstrap broker: this one.
+        probe = AdminClient(
+            {**config.kafka.client_settings(), "bootstrap.servers": f"{broker.host}:{broker.port}"}
+        )
+        while missing := names - set(probe.list_topics(timeout=ADMIN_TIMEOUT_S).topics):
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"created but not visible on broker {broker.id} after "
+                    f"{ADMIN_TIMEOUT_S:.0f}s: {sorted(missing)}"
+                )
+            time.sleep(METADATA_POLL_S)
 
 
 def _verify(admin: AdminClient, specs: list[TopicSpec]) -> list[str]:

@@ -60,6 +60,13 @@ HANGING_HINT = (
     "; if this repeats, a transaction may be left open on the group's offsets "
     "(`ensync-kafka topics hanging` names it; README, broker restarts)"
 )
+COORDINATOR_MOVED = (
+    "the group lost its assignment, so its coordinator may have moved; a producer that cached "
+    "the old one can wait for it for good (librdkafka #5511)"
+)
+"""Why a tier renews its producers after a lost assignment (its group session ended unanswered,
+as when the coordinator's broker of a cluster fails): the next send_offsets_to_transaction of a
+producer kept would wait on the coordinator that left until given up (SEND_OFFSETS_TIMEOUT_S)."""
 RebalanceCallback = Callable[[Consumer, list[TopicPartition]], None]
 
 
@@ -119,6 +126,8 @@ class TierWorker:
         self.lock = threading.RLock()
         self.restoring: set[int] = set()
         self.rebalanced = False
+        self._assignment_lost = False
+        """Set by on_lost: step() renews the producers before the next transaction."""
         self._rebalance_failure: BaseException | None = None
         """What a rebalance callback raised, for step() to act on: never let out of the callback,
         because confluent-kafka can then raise from consume() an object no ``except`` catches
@@ -167,7 +176,7 @@ class TierWorker:
             [self.topic],
             on_assign=self._guarded(self._on_assign),
             on_revoke=self._guarded(self._on_revoke),
-            on_lost=self._guarded(self._on_revoke),
+            on_lost=self._guarded(self._on_lost),
         )
 
     def _guarded(self, callback: RebalanceCallback) -> RebalanceCallback:
@@ -230,6 +239,12 @@ class TierWorker:
         if self._rebalance_failure is not None:
             self._after_rebalance_failure()  # drops msgs: nothing of them was committed
             return
+        if self._assignment_lost:
+            try:
+                self.txn.renew(COORDINATOR_MOVED)
+                self._assignment_lost = False
+            except KafkaException as exc:  # the cluster is away: the producers kept will do
+                log.warning("tier %s: renewing producers: %s; next turn again", self.tier.name, exc)
         now = now_ms()
         turn = Turn(started=time.monotonic())
         # Release first: the turn's intake work then overlaps the wait for the latest due time
@@ -592,6 +607,10 @@ class TierWorker:
             time.monotonic() - started,
         )
         self.hooks.on_assigned(self.tier.name, numbers)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment_lost = True
+        self._on_revoke(consumer, partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]

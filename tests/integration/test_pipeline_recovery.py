@@ -285,14 +285,18 @@ def _assert_exactly_once_across(
 def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
+    fenced: set[int] = set()
+
     def disturb(tier: TierWorker) -> None:
+        fenced.update(map(id, tier.txn.producers))
         for n in range(TRANSACTIONAL_PRODUCERS):  # both, while releases are under way
             _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "d", n))
 
     def settled(tier: TierWorker) -> None:
-        # At least both; a replacement that races an intruder's own start is fenced once more.
+        # A replacement replaces both, as a restart would; one that races an intruder's own
+        # start is fenced once more.
         wait_until(
-            lambda: len(tier.txn.renewals) >= TRANSACTIONAL_PRODUCERS,
+            lambda: tier.txn.renewals and not set(map(id, tier.txn.producers)) & fenced,
             timeout=WAIT_S,
             what="both fenced producers replaced",
         )
@@ -379,11 +383,16 @@ def test_a_producer_fenced_again_and_again_stops_the_worker(
     tier = worker.worker.tiers[0]
     with DeferClient(config) as client:
         for round_ in range(PRODUCER_RENEWALS_MAX + 1):
+            fenced = set(map(id, tier.txn.producers))
             for n in range(TRANSACTIONAL_PRODUCERS):
                 _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "g", n))
             client.defer("g", round_, delay=0.1)
+            # Noticed, and every producer replaced: the next round fences the new ones.
             wait_until(
-                lambda r=round_: worker.error is not None or len(tier.txn.renewals) > r,
+                lambda r=round_, f=fenced: (
+                    worker.error is not None
+                    or (len(tier.txn.renewals) > r and not set(map(id, tier.txn.producers)) & f)
+                ),
                 timeout=WAIT_S,
                 what=f"fencing round {round_} to be noticed",
             )
