@@ -33,8 +33,9 @@ wait on our rebalance callbacks (a tier's restore can take minutes), are ``stead
 ``init`` and ``wait-metadata``: where a consumer sits, its coordinator found, before it subscribes
 and for as long as none of the topics it subscribed to exists (it joins once one is created)."""
 GIVE_UP_CHECK_S = 0.1
-STRANDED = "its client knows no broker"
 """How often a bounded call's waiter serves its client and asks whether to give up."""
+STRANDED = "its client knows no broker"
+"""Why a bounded call is given up when its client's BrokerWatch says stranded."""
 
 
 class CallAbandoned(KafkaException):

@@ -352,7 +352,7 @@ class LocalBroker:
                     log_dir=data_dir / "log",
                 )
             )
-            self._format(java, libs, properties)
+            format_storage(java, libs, properties, new_cluster_id())
         except BaseException:
             shutil.rmtree(data_dir, ignore_errors=True)
             raise
@@ -384,9 +384,6 @@ class LocalBroker:
             raise
         self._process = process
         return info
-
-    def _format(self, java: str, libs: Path, properties: Path) -> None:
-        format_storage(java, libs, properties, new_cluster_id())
 
 
 # --- one node's process: shared with localcluster ------------------------------------------

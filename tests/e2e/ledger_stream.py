@@ -15,9 +15,20 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ensync_kafka import BrokerError, DeferClient, DeferRequest
+from ensync_kafka import BrokerError, DeferClient, DeferRequest, PriorityConsumer
+from ensync_kafka.config import Config
 from ensync_kafka.models import to_ms
-from tests.helpers import TopicReader, WorkerProcess
+from ensync_kafka.topics import TopicNames
+from tests.helpers import (
+    FAST_GROUP_CLIENT,
+    ConsumerThread,
+    Ledger,
+    TopicReader,
+    WorkerProcess,
+    collect_ledger,
+    consumer_state,
+    wait_until,
+)
 
 TIERS = ("1s", "10s")
 DEFERRALS = 3000
@@ -112,3 +123,55 @@ def send_until_acknowledged(client: DeferClient, requests: list[DeferRequest]) -
 
 def delivered_count(reader: TopicReader) -> int:
     return len(reader.records)
+
+
+def ride_out(
+    bootstrap: str,
+    config: Config,
+    config_path: Path,
+    tmp_path: Path,
+    outage: Callable[[WorkerProcess], None],
+    *,
+    seed: int,
+    describe: Callable[[], str],
+) -> Ledger:
+    """One worker process and a PriorityConsumer through a stream that ``outage`` disturbs once,
+    in its middle and after the first deliveries: the same worker process must deliver every
+    deferral, and the consumer handle each (at least once). The ledger is returned for the
+    caller to check exactly once; ``describe`` says what a failure message needs."""
+    handled: set[str] = set()
+    consumer = PriorityConsumer(config, consumer_settings=FAST_GROUP_CLIENT)
+    with (
+        workers(bootstrap, config_path, tmp_path) as procs,
+        TopicReader(bootstrap, TopicNames(config.prefix).queue("default")) as reader,
+        DeferClient(config) as client,
+        ConsumerThread(consumer, lambda event: handled.add(event.defer_id)) as consuming,
+    ):
+        worker = procs.start(config.worker.id, tmp_path / "state")
+        worker.wait_assigned(TIERS)
+
+        def disturb(chunk: int) -> None:
+            if chunk == CHUNKS // 2:
+                reader.poll_until(
+                    lambda records: len(records) > 0, timeout=30, what="the first deliveries"
+                )
+                outage(worker)
+
+        expected = stream(client, reader, disturb, seed=seed)
+        ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        assert not ledger.missing, (
+            f"{ledger.summary()}; {reader.state()}; {describe()}; "
+            f"the worker's log:\n{worker.log()[-6000:]}"
+        )
+        wait_until(
+            lambda: consuming.alive() and expected.keys() <= handled,
+            timeout=LEDGER_TIMEOUT_S,
+            what="the consumer to handle every event",
+            describe=lambda: (
+                f"{len(expected.keys() - handled)} not handled, on "
+                f"{ledger.where(expected.keys() - handled, consumer.group, bootstrap)}; "
+                f"{consumer_state(consumer)}; {consuming.stack()}"
+            ),
+        )
+    return ledger

@@ -15,21 +15,17 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from ensync_kafka import DeferClient, PriorityConsumer, ensure_topics
+from ensync_kafka import DeferClient, ensure_topics
 from ensync_kafka._txn import transactional_id
 from ensync_kafka.config import Config, config_from_mapping
 from ensync_kafka.hanging import find_hanging, offsets_partition
 from ensync_kafka.localcluster import LocalCluster
 from ensync_kafka.topics import TopicNames
-from tests.e2e.ledger_stream import CHUNKS, LEDGER_TIMEOUT_S, TIERS, stream, workers
+from tests.e2e.ledger_stream import LEDGER_TIMEOUT_S, TIERS, ride_out, stream, workers
 from tests.helpers import (
-    FAST_GROUP_CLIENT,
-    ConsumerThread,
-    Ledger,
     TopicReader,
     WorkerProcess,
     collect_ledger,
-    consumer_state,
     pipeline_mapping,
     wait_until,
     write_config,
@@ -78,11 +74,9 @@ def coordinator_of(admin: AdminClient, txn_id: str) -> int:
     return int(partitions.partitions[offsets_partition(txn_id, len(partitions.partitions))].leader)
 
 
-def missing_report(ledger: Ledger, config: Config, worker: WorkerProcess) -> str:
-    return (
-        f"{ledger.summary()}; open transactions: {find_hanging(config, max_age_s=0).open}; "
-        f"the worker's log:\n{worker.log()[-6000:]}"
-    )
+def open_transactions(config: Config) -> str:
+    """For a failure message: every transaction open on the configuration's partitions."""
+    return f"open transactions: {find_hanging(config, max_age_s=0).open}"
 
 
 def assert_none_left_open(config: Config) -> None:
@@ -102,51 +96,29 @@ def test_a_broker_killed_mid_stream_loses_nothing_and_delivers_nothing_twice(
     written = [*(names.defer(t) for t in TIERS), *(names.state(t) for t in TIERS)]
     written += names.queue("default")
     admin = AdminClient({"bootstrap.servers": own_cluster.bootstrap})
-    handled: set[str] = set()
     killed: list[int] = []
-    consumer = PriorityConsumer(config, consumer_settings=FAST_GROUP_CLIENT)
-    with (
-        workers(own_cluster.bootstrap, config_path, tmp_path) as procs,
-        TopicReader(own_cluster.bootstrap, names.queue("default")) as reader,
-        DeferClient(config) as client,
-        ConsumerThread(consumer, lambda event: handled.add(event.defer_id)) as consuming,
-    ):
-        worker = procs.start("steady", tmp_path / "state")
-        worker.wait_assigned(TIERS)
 
-        def disturb(chunk: int) -> None:
-            if chunk != CHUNKS // 2:
-                return
-            reader.poll_until(
-                lambda records: len(records) > 0, timeout=30, what="the first deliveries"
-            )
-            victim = coordinator_of(admin, transactional_id(unique_prefix, TIERS[0], "steady", 0))
-            before = leaders(admin, written)
-            assert victim in before.values(), before  # it leads partitions the tiers write
-            own_cluster.kill(victim)
-            killed.append(victim)
-            wait_until(
-                lambda: victim not in leaders(admin, written).values(),
-                timeout=60,
-                what=f"the partitions node {victim} led to move to the other nodes",
-            )
-
-        expected = stream(client, reader, disturb, seed=4)
-        ledger = collect_ledger(
-            own_cluster.bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader
-        )
-        assert worker.proc.poll() is None, worker.log()[-3000:]
-        assert not ledger.missing, missing_report(ledger, config, worker)
+    def kill(worker: WorkerProcess) -> None:
+        victim = coordinator_of(admin, transactional_id(unique_prefix, TIERS[0], "steady", 0))
+        before = leaders(admin, written)
+        assert victim in before.values(), before  # it leads partitions the tiers write
+        own_cluster.kill(victim)
+        killed.append(victim)
         wait_until(
-            lambda: consuming.alive() and expected.keys() <= handled,
-            timeout=LEDGER_TIMEOUT_S,
-            what="the consumer to handle every event",
-            describe=lambda: (
-                f"{len(expected.keys() - handled)} not handled; {consumer_state(consumer)}; "
-                f"{consuming.stack()}"
-            ),
+            lambda: victim not in leaders(admin, written).values(),
+            timeout=60,
+            what=f"the partitions node {victim} led to move to the other nodes",
         )
 
+    ledger = ride_out(
+        own_cluster.bootstrap,
+        config,
+        config_path,
+        tmp_path,
+        kill,
+        seed=4,
+        describe=lambda: open_transactions(config),
+    )
     assert len(killed) == 1
     ledger.assert_exactly_once()
     assert_none_left_open(config)
@@ -183,7 +155,10 @@ def test_a_rolling_restart_mid_stream_loses_nothing_and_delivers_nothing_twice(
             own_cluster.bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader
         )
         assert worker.proc.poll() is None, worker.log()[-3000:]
-        assert not ledger.missing, missing_report(ledger, config, worker)
+        assert not ledger.missing, (
+            f"{ledger.summary()}; {open_transactions(config)}; "
+            f"the worker's log:\n{worker.log()[-6000:]}"
+        )
 
     assert restarted == sorted(own_cluster.nodes)
     ledger.assert_exactly_once()

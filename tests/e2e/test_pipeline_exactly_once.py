@@ -19,7 +19,6 @@ import pytest
 from ensync_kafka import (
     DeferClient,
     DeferRequest,
-    PriorityConsumer,
     ensure_topics,
 )
 from ensync_kafka.config import config_from_mapping
@@ -31,17 +30,16 @@ from tests.e2e.ledger_stream import (
     LEDGER_TIMEOUT_S,
     TIERS,
     delivered_count,
+    ride_out,
     stream,
     workers,
 )
 from tests.helpers import (
     FAST_GROUP_CLIENT,
     FAST_GROUP_WORKER,
-    ConsumerThread,
     TopicReader,
     WorkerProcess,
     collect_ledger,
-    consumer_state,
     frozen,
     pipeline_mapping,
     wait_until,
@@ -250,51 +248,25 @@ def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
     config = config_from_mapping(mapping, environ={})
     ensure_topics(config)
     outages: list[int] = []
-    handled: set[str] = set()
-    consumer = PriorityConsumer(config, consumer_settings=FAST_GROUP_CLIENT)
-    with (
-        workers(bootstrap, config_path, tmp_path) as procs,
-        TopicReader(bootstrap, TopicNames(unique_prefix).queue("default")) as reader,
-        DeferClient(config) as client,
-        ConsumerThread(consumer, lambda event: handled.add(event.defer_id)) as consuming,
-    ):
-        worker = procs.start("steady", tmp_path / "state")
-        worker.wait_assigned(TIERS)
 
-        def disturb(chunk: int) -> None:
-            if chunk != CHUNKS // 2:
-                return
-            reader.poll_until(
-                lambda records: len(records) > 0, timeout=30, what="the first deliveries"
-            )
-            if not frozen_s:
-                assert restart_between_commits(own_broker, worker.proc.pid).pid != info.pid
-            else:  # requests hang instead of being refused; open transactions time out
-                with frozen(info.pid):
-                    time.sleep(frozen_s)
-            outages.append(chunk)
+    def outage(worker: WorkerProcess) -> None:
+        if not frozen_s:
+            assert restart_between_commits(own_broker, worker.proc.pid).pid != info.pid
+        else:  # requests hang instead of being refused; open transactions time out
+            with frozen(info.pid):
+                time.sleep(frozen_s)
+        outages.append(1)
 
-        expected = stream(client, reader, disturb, seed=3)
-        ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
-        # The same worker process, never restarted, delivered the whole stream.
-        assert worker.proc.poll() is None, worker.log()[-3000:]
-        assert not ledger.missing, (
-            f"{ledger.summary()}; {reader.state()}; "
-            f"markers the broker skipped: {skipped_markers(own_broker)}; "
-            f"the worker's log:\n{worker.log()[-6000:]}"
-        )
-        wait_until(
-            lambda: consuming.alive() and expected.keys() <= handled,
-            timeout=LEDGER_TIMEOUT_S,
-            what="the consumer to handle every event",
-            describe=lambda: (
-                f"{len(expected.keys() - handled)} not handled, on "
-                f"{ledger.where(expected.keys() - handled, consumer.group, bootstrap)}; "
-                f"{consumer_state(consumer)}; {consuming.stack()}"
-            ),
-        )
-
-    assert outages == [CHUNKS // 2]
+    ledger = ride_out(
+        bootstrap,
+        config,
+        config_path,
+        tmp_path,
+        outage,
+        seed=3,
+        describe=lambda: f"markers the broker skipped: {skipped_markers(own_broker)}",
+    )
+    assert outages == [1]
     ledger.assert_exactly_once()
 
 
