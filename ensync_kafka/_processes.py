@@ -155,6 +155,16 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct ports free just now (a node's broker and controller, say)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = _free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def _answers(bootstrap: str, timeout: float = 2.0) -> bool:
     """True when a TCP connection to ``host:port`` is accepted."""
     host, _, port = bootstrap.rpartition(":")

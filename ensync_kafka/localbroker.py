@@ -53,7 +53,7 @@ from ._processes import (
     _alive,
     _answers,
     _die_with_parent,
-    _free_port,
+    _free_ports,
     _is_kafka_under,
     _kafka_pids_under,
     _kill,
@@ -338,10 +338,7 @@ class LocalBroker:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         data_dir = self.home / f"data-{stamp}-{uuid.uuid4().hex[:6]}"
         data_dir.mkdir(parents=True)
-        broker_port = _free_port(HOST)
-        controller_port = _free_port(HOST)
-        while controller_port == broker_port:
-            controller_port = _free_port(HOST)
+        broker_port, controller_port = _free_ports(HOST, 2)
         properties = data_dir / "server.properties"
         try:
             properties.write_text(

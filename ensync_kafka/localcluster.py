@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._kafkadist import JAVA_HINT, _require, ensure_jars, render_server_properties
-from ._processes import KILL_WAIT_S, _free_port
+from ._processes import KILL_WAIT_S, _free_ports
 from .exceptions import LocalBrokerError
 from .localbroker import (
     _PORT_ATTEMPTS,
@@ -148,7 +148,7 @@ class LocalCluster:
     # internals
 
     def _launch(self) -> None:
-        ports = self._free_ports(2 * self.size)
+        ports = _free_ports(HOST, 2 * self.size)
         self.nodes = {
             n: Node(
                 node_id=n,
@@ -187,12 +187,3 @@ class LocalCluster:
         return spawn_node(
             command, node.data_dir, node.log_file, die_with_parent=self.die_with_parent
         )
-
-    @staticmethod
-    def _free_ports(count: int) -> list[int]:
-        ports: list[int] = []
-        while len(ports) < count:
-            port = _free_port(HOST)
-            if port not in ports:
-                ports.append(port)
-        return ports

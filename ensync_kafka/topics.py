@@ -7,7 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    BrokerMetadata,
+    ConfigResource,
+    NewTopic,
+)
 
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TopicFamilyConfig
 from .exceptions import BrokerError
@@ -133,13 +138,15 @@ def _admin(config: Config) -> AdminClient:
 
 
 def ensure_topics(config: Config, admin: AdminClient | None = None) -> ProvisionReport:
-    """Create missing topics; check the partition count and cleanup policy of existing ones.
+    """Create missing topics; check the partitions, replication, cleanup policy and minimum ISR
+    of existing ones.
 
     Safe to run any number of times and from several processes at once.
     """
     admin = admin or _admin(config)
     specs = topic_specs(config)
-    existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S)
+    existing = metadata.topics
     missing = [s for s in specs if s.name not in existing]
     created: list[str] = []
     if missing:
@@ -156,7 +163,7 @@ def ensure_topics(config: Config, admin: AdminClient | None = None) -> Provision
                 if err.name() != "TOPIC_ALREADY_EXISTS":  # lost a race with another process
                     msg = f"cannot create {name}: {err.str()}"
                     raise BrokerError(msg, code=err.code()) from exc
-    _await_metadata(admin, {s.name for s in specs}, config)
+    _await_metadata(list(metadata.brokers.values()), {s.name for s in specs}, config)
     present = [s for s in specs if s.name not in created]
     mismatches = _verify(admin, present) if present else []
     return ProvisionReport(
@@ -164,12 +171,11 @@ def ensure_topics(config: Config, admin: AdminClient | None = None) -> Provision
     )
 
 
-def _await_metadata(admin: AdminClient, names: set[str], config: Config) -> None:
+def _await_metadata(brokers: list[BrokerMetadata], names: set[str], config: Config) -> None:
     """A created topic is known to the controller first; each broker publishes it to clients a
     little later (KRaft metadata propagation), and a client asks whichever broker it reaches.
     Return once every broker shows all of them, so callers can use them at once."""
     deadline = time.monotonic() + ADMIN_TIMEOUT_S
-    brokers = admin.list_topics(timeout=ADMIN_TIMEOUT_S).brokers.values()
     for broker in brokers:
         # A client's first metadata request goes to its bootstrap broker: this one.
         probe = AdminClient(
