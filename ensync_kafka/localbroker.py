@@ -533,8 +533,14 @@ def reap_stale_test_brokers(registry: Path | None = None) -> list[Path]:
 
 
 def running_bootstrap() -> str | None:
-    """The bootstrap address of the broker ``ensync-kafka broker start`` runs, or None."""
+    """The bootstrap addresses of the broker or cluster ``ensync-kafka broker start`` runs, or
+    None."""
+    from .localcluster import LocalCluster  # it builds on this module
+
     try:
+        cluster = LocalCluster.running(default_home())
+        if cluster is not None:
+            return cluster.bootstrap
         info = LocalBroker().status()
     except (OSError, LocalBrokerError):
         return None

@@ -1,8 +1,9 @@
-"""``ensync-kafka broker start|stop|restart|status|tool``: a local single-node Kafka broker.
+"""``ensync-kafka broker start|stop|restart|status|node|tool``: a local Kafka broker, or a local
+cluster of several (``start --nodes 3``) whose nodes can be killed, stopped and started.
 
-The broker runs detached and is recorded in ``$ENSYNC_HOME/broker.json``; configs that name no
-cluster use it automatically. ``status`` and ``start`` print its bootstrap address alone on the
-last line, so scripts can take it with ``tail -n 1``.
+Either runs detached and is recorded in ``$ENSYNC_HOME`` (``broker.json``, ``cluster.json``);
+configs that name no cluster use it automatically. ``status``, ``start`` and ``restart`` print its
+bootstrap addresses alone on the last line, so scripts can take them with ``tail -n 1``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .._kafkadist import KAFKA_TOOLS, tool_command
+from .._kafkadist import KAFKA_TOOLS, KAFKA_VERSION, tool_command
 from ..localbroker import (
     DEFAULT_HEAP,
     DEFAULT_START_TIMEOUT_S,
@@ -20,13 +21,41 @@ from ..localbroker import (
     ENV_HOME,
     BrokerInfo,
     LocalBroker,
+    default_home,
 )
+from ..localcluster import NODE_HEAP, LocalCluster, locked
 from ._common import CONTEXT_SETTINGS
+
+MAX_NODES = 5
+"""Every node of a local cluster is also a controller: a KRaft quorum of more is unusual."""
 
 
 def _describe(info: BrokerInfo) -> str:
     started = info.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     return f"pid {info.pid}, started {started}\n  data: {info.data_dir}\n  log:  {info.log_file}"
+
+
+def _describe_cluster(cluster: LocalCluster) -> str:
+    lines = []
+    for node_id, node in sorted(cluster.nodes.items()):
+        pid = cluster.pid(node_id)
+        state = f"pid {pid}" if pid is not None else "down"
+        lines.append(f"  node {node_id}: {node.bootstrap}  {state}  log: {node.log_file}")
+    return "\n".join(lines)
+
+
+def _home(home: Path | None) -> Path:
+    return home if home is not None else default_home()
+
+
+def _cluster(home: Path | None) -> LocalCluster:
+    """The detached cluster recorded in the home, or a ClickException saying what runs instead."""
+    cluster = LocalCluster.running(_home(home))
+    if cluster is None:
+        raise click.ClickException(
+            "no local cluster is running (start one: ensync-kafka broker start --nodes 3)"
+        )
+    return cluster
 
 
 @click.group(context_settings={**CONTEXT_SETTINGS, "auto_envvar_prefix": "ENSYNC_BROKER"})
@@ -50,15 +79,48 @@ def broker(ctx: click.Context, home: Path | None) -> None:
 
 
 @broker.command()
-@click.option("--heap", default=DEFAULT_HEAP, show_default=True, show_envvar=True,
-              help="JVM maximum heap (-Xmx).")  # fmt: skip
+@click.option(
+    "--nodes",
+    type=click.IntRange(1, MAX_NODES),
+    default=1,
+    show_default=True,
+    show_envvar=True,
+    help="How many nodes: more than one makes a cluster (replication up to 3, "
+    "minimum ISR one below) whose nodes `broker node` kills, stops and starts.",
+)
+@click.option(
+    "--heap",
+    default=None,
+    show_envvar=True,
+    help=f"JVM maximum heap (-Xmx) of each node  "
+    f"[default: {DEFAULT_HEAP}; {NODE_HEAP} for a node of a cluster]",
+)
 @click.option("--timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
               show_default=True, show_envvar=True,
               help="Seconds to wait for the broker to serve clients.")  # fmt: skip
 @click.pass_obj
-def start(home: Path | None, heap: str, timeout: float) -> None:
-    """Start the broker, or report the one already running."""
-    info, started = LocalBroker(home, heap=heap, start_timeout=timeout).start()
+def start(home: Path | None, nodes: int, heap: str | None, timeout: float) -> None:
+    """Start the broker (or a cluster), or report the one already running."""
+    with locked(_home(home)) as where:
+        cluster = LocalCluster.running(where)
+        size = cluster.size if cluster else 1 if LocalBroker(where).status() else nodes
+        if size != nodes:
+            running = f"a local cluster of {size} nodes" if cluster else "a local broker"
+            raise click.ClickException(
+                f"{running} is running in {where}: stop it first (ensync-kafka broker stop)"
+            )
+        if nodes > 1:
+            verb = "already running" if cluster else "started"
+            if cluster is None:
+                cluster = LocalCluster(
+                    where, nodes=nodes, heap=heap or NODE_HEAP, start_timeout=timeout
+                )
+                cluster.start()
+            click.echo(f"Kafka {KAFKA_VERSION} cluster of {nodes} nodes {verb} in {where}")
+            click.echo(_describe_cluster(cluster))
+            click.echo(cluster.bootstrap)
+            return
+    info, started = LocalBroker(home, heap=heap or DEFAULT_HEAP, start_timeout=timeout).start()
     verb = "started" if started else "already running:"
     click.echo(f"Kafka {info.kafka_version} broker {verb} {_describe(info)}")
     click.echo(info.bootstrap)
@@ -72,7 +134,17 @@ def start(home: Path | None, heap: str, timeout: float) -> None:
               help="Seconds to wait after SIGTERM before SIGKILL.")  # fmt: skip
 @click.pass_obj
 def stop(home: Path | None, keep_data: bool, timeout: float) -> None:
-    """Stop the broker (SIGTERM, then SIGKILL) and delete its data unless --keep-data."""
+    """Stop the broker (SIGTERM, then SIGKILL) and delete its data unless --keep-data.
+    A cluster's nodes are all killed at once (stopped one by one, the last would wait for a
+    quorum)."""
+    with locked(_home(home)) as where:
+        cluster = LocalCluster.running(where)
+        if cluster is not None:
+            bootstrap = cluster.bootstrap
+            cluster.stop(keep_data=keep_data)
+            kept = f"data kept in {where}" if keep_data else "data removed"
+            click.echo(f"stopped the Kafka cluster at {bootstrap} ({kept})")
+            return
     info = LocalBroker(home).stop(keep_data=keep_data, timeout=timeout)
     if info is None:
         click.echo("no local broker was running")
@@ -87,7 +159,16 @@ def stop(home: Path | None, keep_data: bool, timeout: float) -> None:
               help="Seconds to wait after SIGTERM before SIGKILL.")  # fmt: skip
 @click.pass_obj
 def restart(home: Path | None, timeout: float) -> None:
-    """Stop the broker and start it again on its data and address: topics and offsets stay."""
+    """Stop the broker and start it again on its data and address: topics and offsets stay.
+    A cluster's nodes are restarted one after another (a rolling restart)."""
+    with locked(_home(home)) as where:
+        cluster = LocalCluster.running(where)
+        if cluster is not None:
+            cluster.restart(timeout, lambda n: click.echo(f"node {n} restarted"))
+            click.echo(f"Kafka {KAFKA_VERSION} cluster restarted in {where}")
+            click.echo(_describe_cluster(cluster))
+            click.echo(cluster.bootstrap)
+            return
     info = LocalBroker(home).restart(timeout=timeout)
     click.echo(f"Kafka {info.kafka_version} broker restarted {_describe(info)}")
     click.echo(info.bootstrap)
@@ -96,7 +177,15 @@ def restart(home: Path | None, timeout: float) -> None:
 @broker.command()
 @click.pass_obj
 def status(home: Path | None) -> None:
-    """Print the running broker; its bootstrap address is the last line. Exit 1 if none runs."""
+    """Print the running broker or cluster; its bootstrap addresses are the last line. Exit 1
+    if none runs."""
+    cluster = LocalCluster.running(_home(home))
+    if cluster is not None:
+        up = sum(cluster.pid(n) is not None for n in cluster.nodes)
+        click.echo(f"Kafka {KAFKA_VERSION} cluster running: {up} of {cluster.size} nodes up")
+        click.echo(_describe_cluster(cluster))
+        click.echo(cluster.bootstrap)
+        return
     info = LocalBroker(home).status()
     if info is None:
         # A ClickException (not ctx.exit) so the exit status survives standalone_mode=False.
@@ -105,6 +194,34 @@ def status(home: Path | None) -> None:
         )
     click.echo(f"Kafka {info.kafka_version} broker running: {_describe(info)}")
     click.echo(info.bootstrap)
+
+
+NODE_ACTIONS = ("kill", "stop", "start")
+
+
+@broker.command()
+@click.argument("action", type=click.Choice(NODE_ACTIONS))
+@click.argument("node_id", metavar="NODE", type=int)
+@click.option("--timeout", type=float, default=DEFAULT_STOP_TIMEOUT_S,
+              show_default=True, show_envvar=True,
+              help="stop: seconds to wait after SIGTERM before SIGKILL.")  # fmt: skip
+@click.pass_obj
+def node(home: Path | None, action: str, node_id: int, timeout: float) -> None:
+    """Fail or mend one node of a local cluster: `kill` (SIGKILL, a crash: its partitions wait
+    until the controller fences it, about 9 s), `stop` (a controlled shutdown: its leaderships
+    move first) or `start` (again on its data, once it serves clients)."""
+    with locked(_home(home)):
+        cluster = _cluster(home)
+        if action == "kill":
+            cluster.kill(node_id)
+        elif action == "stop":
+            cluster.stop_node(node_id, timeout)
+        else:
+            cluster.start_node(node_id)
+        past = {"kill": "killed", "stop": "stopped", "start": "started"}[action]
+        click.echo(f"node {node_id} {past}")
+        click.echo(_describe_cluster(cluster))
+        click.echo(cluster.bootstrap)
 
 
 @broker.command(

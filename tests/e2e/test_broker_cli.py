@@ -1,4 +1,5 @@
-"""``ensync-kafka broker start|status|stop`` as a user runs them, against a real broker.
+"""``ensync-kafka broker start|status|stop|restart|node`` as a user runs them, against a real
+broker or a cluster of three.
 
 The home is a registered test home, so a broker left by a killed run is reaped by the next.
 """
@@ -19,6 +20,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from ensync_kafka import localbroker
 from ensync_kafka.localbroker import ephemeral_home
+from ensync_kafka.localcluster import CLUSTER_FILE
+from tests.helpers import wait_until
 
 CLI_TIMEOUT_S = 180.0
 HOST_PORT = re.compile(r"^[\w.-]+:\d{1,5}$")
@@ -133,3 +136,54 @@ def test_restart_without_a_broker_fails_clearly(home: Path) -> None:
     result = _run(home, "broker", "restart")
     assert result.returncode != 0
     assert "no local broker is running" in result.stderr
+
+
+def _cluster_pids(home: Path) -> dict[str, int]:
+    pids = json.loads((home / CLUSTER_FILE).read_text())["pids"]
+    assert isinstance(pids, dict)
+    return pids
+
+
+def _leaders(bootstrap: str, topic: str) -> set[int]:
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=30)
+    return {p.leader for p in metadata.topics[topic].partitions.values()}
+
+
+def test_a_cluster_of_three_its_nodes_killed_started_restarted_and_stopped(home: Path) -> None:
+    started = _ok(_run(home, "broker", "start", "--nodes", "3"))
+    bootstrap = _last_line(started)
+    assert len(bootstrap.split(",")) == 3 and all(HOST_PORT.match(b) for b in bootstrap.split(","))
+    pids = _cluster_pids(home)
+    assert sorted(localbroker._kafka_pids_under(home)) == sorted(pids.values())
+    assert "already running" in _ok(_run(home, "broker", "start", "--nodes", "3"))
+    single = _run(home, "broker", "start")
+    assert single.returncode == 1 and "a local cluster of 3 nodes is running" in single.stderr
+
+    topic = "replicated"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, 6, 3)])[topic].result(timeout=30)
+    assert _leaders(bootstrap, topic) == {1, 2, 3}
+
+    _ok(_run(home, "broker", "node", "kill", "2"))
+    assert localbroker._wait_gone(pids["2"], 10)
+    assert "2 of 3 nodes up" in _ok(_run(home, "broker", "status"))
+    # Its leaderships move once the controller fences it (its session, 9 s).
+    wait_until(lambda: 2 not in _leaders(bootstrap, topic), timeout=60, what="leaders to move")
+
+    _ok(_run(home, "broker", "node", "start", "2"))
+    assert "3 of 3 nodes up" in _ok(_run(home, "broker", "status"))
+
+    restarted = _ok(_run(home, "broker", "restart"))  # one node after another
+    assert [line for line in restarted.splitlines() if line.endswith(" restarted")] == [
+        f"node {n} restarted" for n in (1, 2, 3)
+    ]
+    assert _last_line(restarted) == bootstrap
+    after = _cluster_pids(home)
+    assert all(localbroker._wait_gone(pid, 10) for pid in pids.values())
+    assert _leaders(bootstrap, topic) <= {1, 2, 3}  # the topic is still there, every partition led
+
+    run_dirs = list(home.glob("cluster-*"))
+    assert "data removed" in _ok(_run(home, "broker", "stop"))
+    assert all(localbroker._wait_gone(pid, 10) for pid in after.values())
+    assert not (home / CLUSTER_FILE).exists() and not any(d.exists() for d in run_dirs)
+    assert _run(home, "broker", "status").returncode == 1

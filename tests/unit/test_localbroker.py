@@ -20,8 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from ensync_kafka import localbroker
+from ensync_kafka.cli.broker import broker
 from ensync_kafka.exceptions import LocalBrokerError
 from ensync_kafka.localbroker import (
     KAFKA_VERSION,
@@ -35,6 +37,7 @@ from ensync_kafka.localbroker import (
     render_server_properties,
     running_bootstrap,
 )
+from ensync_kafka.localcluster import CLUSTER_FILE, LocalCluster
 
 WAIT_S = 10.0
 
@@ -395,3 +398,87 @@ def test_die_with_parent_kills_the_child_when_the_parent_is_killed() -> None:
             parent.wait(WAIT_S)
         if parent.stdout:
             parent.stdout.close()
+
+
+# --- detached clusters (broker start --nodes N) -----------------------------------------------
+
+
+def _cluster_record(home: Path, nodes: dict[int, FakeBroker | int]) -> Path:
+    """A cluster.json naming ``nodes`` (a stand-in broker, or the pid of none) under one run
+    directory, as LocalCluster writes it; the run directory is returned."""
+    run = home / "cluster-1"
+    records, pids = [], {}
+    for node_id, fake in nodes.items():
+        data_dir = run / f"node-{node_id}"
+        port = fake.port if isinstance(fake, FakeBroker) else 1
+        records.append(
+            {
+                "node_id": node_id,
+                "broker_port": port,
+                "controller_port": 1,
+                "data_dir": str(data_dir),
+            }
+        )
+        pids[str(node_id)] = fake.pid if isinstance(fake, FakeBroker) else fake
+    home.mkdir(parents=True, exist_ok=True)
+    (home / CLUSTER_FILE).write_text(
+        json.dumps({"nodes": records, "pids": pids, "started_at": datetime.now(UTC).isoformat()})
+    )
+    return run
+
+
+def test_detached_cluster_is_found_its_nodes_killed_stopped_and_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakes: list[FakeBroker]
+) -> None:
+    home = tmp_path / "home"
+    fakes.extend(FakeBroker(home / "cluster-1" / f"node-{n}", listen=True) for n in (1, 2, 3))
+    run = _cluster_record(home, dict(enumerate(fakes, start=1)))
+    cluster = LocalCluster.running(home)
+    assert cluster is not None and cluster.size == 3
+    assert [cluster.pid(n) for n in (1, 2, 3)] == [f.pid for f in fakes]
+    assert cluster.bootstrap == ",".join(f"127.0.0.1:{f.port}" for f in fakes)
+    monkeypatch.setenv("ENSYNC_HOME", str(home))
+    assert running_bootstrap() == cluster.bootstrap  # configs naming no cluster use it
+
+    cluster.kill(2)  # SIGKILL
+    assert _gone(fakes[1].pid)
+    cluster.stop_node(3, timeout=WAIT_S)  # SIGTERM
+    assert _wait_until_gone(fakes[2].pid)
+    again = LocalCluster.running(home)  # what the next command finds
+    assert again is not None and [again.pid(n) for n in (1, 2, 3)] == [fakes[0].pid, None, None]
+    with pytest.raises(LocalBrokerError, match=r"node 2 is not running \(nodes: \[1, 2, 3\]\)"):
+        again.kill(2)
+    with pytest.raises(LocalBrokerError, match="no node 7"):
+        again.start_node(7)
+
+    again.stop()
+    assert _wait_until_gone(fakes[0].pid)
+    assert not run.exists() and not (home / CLUSTER_FILE).exists()
+    assert LocalCluster.running(home) is None and running_bootstrap() is None
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"nodes": 3}', "[]", None])
+def test_cluster_record_that_is_unreadable_or_names_no_running_node_is_dropped(
+    tmp_path: Path, content: str | None
+) -> None:
+    home = tmp_path / "home"
+    if content is None:  # well formed, but its nodes are gone (or another program's pids)
+        _cluster_record(home, {1: _dead_pid(), 2: os.getpid()})
+    else:
+        home.mkdir()
+        (home / CLUSTER_FILE).write_text(content)
+    assert LocalCluster.running(home) is None
+    assert not (home / CLUSTER_FILE).exists()
+    assert localbroker._alive(os.getpid())  # a pid that is not a broker's is never signalled
+
+
+def test_node_commands_without_a_cluster_say_how_to_start_one(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        broker, ["node", "kill", "1"], env={"ENSYNC_HOME": str(tmp_path / "home")}
+    )
+    assert result.exit_code == 1
+    assert "no local cluster is running (start one: ensync-kafka broker start --nodes 3)" in (
+        result.output
+    )
+    too_many = CliRunner().invoke(broker, ["start", "--nodes", "9"])
+    assert too_many.exit_code == 2 and "--nodes" in too_many.output
