@@ -65,12 +65,13 @@ def _cluster(home: Path | None) -> LocalCluster:
     show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where broker.json, the log and the data live "
+    help="Where broker.json or cluster.json, the logs and the data live "
     "[default: ${XDG_STATE_HOME:-~/.local/state}/ensync-kafka/broker]",
 )
 @click.pass_context
 def broker(ctx: click.Context, home: Path | None) -> None:
-    """Run a local single-node Apache Kafka broker for development (Java and Maven, no Docker).
+    """Run a local Apache Kafka broker for development, or a cluster of several (`start --nodes
+    3`) to fail one node at a time (Java and Maven, no Docker).
 
     The first start fetches the Kafka jars from Maven Central into
     ${ENSYNC_KAFKA_CACHE:-~/.cache/ensync-kafka/kafka-4.4.0}; later starts are offline.
