@@ -145,7 +145,9 @@ class LocalCluster:
     @classmethod
     def running(cls, home: str | os.PathLike[str], **kwargs: Any) -> LocalCluster | None:
         """The detached cluster recorded in ``home``, or None. Its nodes that are down are
-        known but have no :meth:`pid`. A record none of whose nodes runs is removed."""
+        known but have no :meth:`pid`. A cluster none of whose nodes runs is forgotten and its
+        data removed, as a single broker's is: it cannot be started one node at a time (no
+        quorum)."""
         cluster = cls(home, **kwargs)
         record = _read_json(cluster.state_file)
         if record is None:  # none, or unreadable: nothing in it can be trusted
@@ -166,7 +168,7 @@ class LocalCluster:
             if n in cluster.nodes and _is_kafka_under(pid, cluster.nodes[n].data_dir)
         }
         if not cluster._pids:
-            cluster.state_file.unlink(missing_ok=True)
+            cluster.stop()
             return None
         return cluster
 
@@ -271,9 +273,13 @@ class LocalCluster:
                 self.kill(node_id)
         self._pids.clear()
         self._processes.clear()
-        if not keep_data:  # the nodes' directories and logs
+        if not keep_data:  # the nodes' directories and logs; never outside the home
             for run in {node.data_dir.parent for node in self.nodes.values()}:
-                shutil.rmtree(run, ignore_errors=True)
+                if (
+                    run.resolve().is_relative_to(self.home.resolve())
+                    and run.resolve() != self.home.resolve()
+                ):
+                    shutil.rmtree(run, ignore_errors=True)
         self.nodes.clear()
         if not self.die_with_parent:
             self.state_file.unlink(missing_ok=True)

@@ -403,10 +403,13 @@ def test_die_with_parent_kills_the_child_when_the_parent_is_killed() -> None:
 # --- detached clusters (broker start --nodes N) -----------------------------------------------
 
 
-def _cluster_record(home: Path, nodes: dict[int, FakeBroker | int]) -> Path:
+def _cluster_record(
+    home: Path, nodes: dict[int, FakeBroker | int], run: Path | None = None
+) -> Path:
     """A cluster.json naming ``nodes`` (a stand-in broker, or the pid of none) under one run
-    directory, as LocalCluster writes it; the run directory is returned."""
-    run = home / "cluster-1"
+    directory (by default in ``home``), as LocalCluster writes it; the run directory is
+    returned."""
+    run = home / "cluster-1" if run is None else run
     records, pids = [], {}
     for node_id, fake in nodes.items():
         data_dir = run / f"node-{node_id}"
@@ -463,13 +466,23 @@ def test_cluster_record_that_is_unreadable_or_names_no_running_node_is_dropped(
 ) -> None:
     home = tmp_path / "home"
     if content is None:  # well formed, but its nodes are gone (or another program's pids)
-        _cluster_record(home, {1: _dead_pid(), 2: os.getpid()})
+        run = _cluster_record(home, {1: _dead_pid(), 2: os.getpid()})
+        (run / "node-1").mkdir(parents=True)
     else:
         home.mkdir()
         (home / CLUSTER_FILE).write_text(content)
     assert LocalCluster.running(home) is None
     assert not (home / CLUSTER_FILE).exists()
+    assert list(home.iterdir()) == []  # a cluster with no node up is forgotten with its data
     assert localbroker._alive(os.getpid())  # a pid that is not a broker's is never signalled
+
+
+def test_cluster_data_outside_home_is_never_deleted(tmp_path: Path) -> None:
+    home, elsewhere = tmp_path / "home", tmp_path / "precious"
+    (elsewhere / "node-1").mkdir(parents=True)
+    _cluster_record(home, {1: _dead_pid()}, run=elsewhere)
+    assert LocalCluster.running(home) is None
+    assert (elsewhere / "node-1").is_dir()
 
 
 def test_node_commands_without_a_cluster_say_how_to_start_one(tmp_path: Path) -> None:
