@@ -40,7 +40,6 @@ from ._kafkadist import (
 )
 from ._processes import (
     KILL_WAIT_S,
-    _answers,
     _free_ports,
     _is_kafka_under,
     _kill,
@@ -190,10 +189,6 @@ class LocalCluster:
         return (
             pid if pid is not None and _is_kafka_under(pid, self.nodes[node_id].data_dir) else None
         )
-
-    def answers(self, node_id: int) -> bool:
-        """The node is up and serves a metadata request."""
-        return self.pid(node_id) is not None and _answers(self.nodes[node_id].bootstrap)
 
     def start(self) -> str:
         """Format and start every node; return the bootstrap list once all serve clients."""

@@ -9,6 +9,7 @@ bootstrap addresses alone on the last line, so scripts can take them with ``tail
 from __future__ import annotations
 
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -30,8 +31,12 @@ MAX_NODES = 5
 """Every node of a local cluster is also a controller: a KRaft quorum of more is unusual."""
 
 
+def _local(at: datetime) -> str:
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def _describe(info: BrokerInfo) -> str:
-    started = info.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    started = _local(info.started_at)
     return f"pid {info.pid}, started {started}\n  data: {info.data_dir}\n  log:  {info.log_file}"
 
 
@@ -183,7 +188,8 @@ def status(home: Path | None) -> None:
     cluster = LocalCluster.running(_home(home))
     if cluster is not None:
         up = sum(cluster.pid(n) is not None for n in cluster.nodes)
-        click.echo(f"Kafka {KAFKA_VERSION} cluster running: {up} of {cluster.size} nodes up")
+        since = f" since {_local(cluster.started_at)}" if cluster.started_at else ""
+        click.echo(f"Kafka {KAFKA_VERSION} cluster running{since}: {up} of {cluster.size} nodes up")
         click.echo(_describe_cluster(cluster))
         click.echo(cluster.bootstrap)
         return
