@@ -1,5 +1,6 @@
 """Exactly-once ledgers on a three-broker cluster (replication 3, min ISR 2) while its brokers
-fail: one killed mid-stream, or all three restarted one after another (a rolling restart).
+fail: one killed or frozen mid-stream, or all three restarted one after another (a rolling
+restart).
 
 On one broker an outage stops everything and a restart can leave a hanging transaction; on a
 cluster, what production runs, a broker's partitions, its transaction coordinator and its group
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from ensync_kafka import DeferClient, ensure_topics
@@ -26,6 +28,7 @@ from tests.helpers import (
     TopicReader,
     WorkerProcess,
     collect_ledger,
+    frozen,
     pipeline_mapping,
     wait_until,
     write_config,
@@ -85,41 +88,59 @@ def assert_none_left_open(config: Config) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_broker_killed_mid_stream_loses_nothing_and_delivers_nothing_twice(
-    own_cluster: LocalCluster, unique_prefix: str, tmp_path: Path
+@pytest.mark.parametrize("outage", ["kill", "freeze"])
+def test_a_broker_killed_or_frozen_mid_stream_loses_nothing_and_delivers_nothing_twice(
+    own_cluster: LocalCluster, unique_prefix: str, tmp_path: Path, outage: str
 ) -> None:
-    """SIGKILL of the node coordinating the 1s tier's transactions: no controlled shutdown, so
-    its partitions stay leaderless until the controller fences it (its session, 9 s)."""
+    """The node coordinating the 1s tier's transactions, SIGKILLed (no controlled shutdown), or
+    SIGSTOPped until the controller has fenced it (its session, 9 s) and then let go on (a
+    stalled broker: requests to it hang rather than fail, and it wakes fenced). Either way its
+    partitions have no leader until it is fenced."""
     config, config_path = replicated_config(unique_prefix, own_cluster, tmp_path)
     ensure_topics(config)
     names = TopicNames(unique_prefix)
     written = [*(names.defer(t) for t in TIERS), *(names.state(t) for t in TIERS)]
     written += names.queue("default")
     admin = AdminClient({"bootstrap.servers": own_cluster.bootstrap})
-    killed: list[int] = []
+    disturbed: list[int] = []
 
-    def kill(worker: WorkerProcess) -> None:
+    def disturb(worker: WorkerProcess) -> None:
         victim = coordinator_of(admin, transactional_id(unique_prefix, TIERS[0], "steady", 0))
         before = leaders(admin, written)
         assert victim in before.values(), before  # it leads partitions the tiers write
-        own_cluster.kill(victim)
-        killed.append(victim)
-        wait_until(
-            lambda: victim not in leaders(admin, written).values(),
-            timeout=60,
-            what=f"the partitions node {victim} led to move to the other nodes",
-        )
+        pid = own_cluster.pid(victim)
+        assert pid is not None
+
+        others = ",".join(n.bootstrap for i, n in own_cluster.nodes.items() if i != victim)
+
+        def moved() -> bool:
+            # A fresh client asking the other nodes: one that knows the frozen node may keep
+            # asking it, and it never answers.
+            try:
+                asked = AdminClient({"bootstrap.servers": others})
+                return victim not in leaders(asked, written).values()
+            except KafkaException:
+                return False
+
+        what = f"the partitions node {victim} led to move to the other nodes"
+        if outage == "kill":
+            own_cluster.kill(victim)
+            wait_until(moved, timeout=60, what=what)
+        else:
+            with frozen(pid):
+                wait_until(moved, timeout=60, what=what)
+        disturbed.append(victim)
 
     ledger = ride_out(
         own_cluster.bootstrap,
         config,
         config_path,
         tmp_path,
-        kill,
+        disturb,
         seed=4,
         describe=lambda: open_transactions(config),
     )
-    assert len(killed) == 1
+    assert len(disturbed) == 1
     ledger.assert_exactly_once()
     assert_none_left_open(config)
 
