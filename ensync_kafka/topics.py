@@ -16,6 +16,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TopicFamilyConfig
 from .exceptions import BrokerError
+from .groups import configure_tier_groups
 
 ADMIN_TIMEOUT_S = 30.0
 METADATA_POLL_S = 0.05
@@ -127,6 +128,8 @@ class ProvisionReport:
     created: list[str]
     verified: list[str]
     mismatches: list[str]
+    groups: list[str]
+    """Tier groups whose session timeout was set on the broker (worker.group_protocol consumer)."""
 
     @property
     def ok(self) -> bool:
@@ -139,7 +142,7 @@ def _admin(config: Config) -> AdminClient:
 
 def ensure_topics(config: Config, admin: AdminClient | None = None) -> ProvisionReport:
     """Create missing topics; check the partitions, replication, cleanup policy and minimum ISR
-    of existing ones.
+    of existing ones; set the tier groups' session on the broker if it keeps it (groups.py).
 
     Safe to run any number of times and from several processes at once.
     """
@@ -166,8 +169,14 @@ def ensure_topics(config: Config, admin: AdminClient | None = None) -> Provision
     _await_metadata(list(metadata.brokers.values()), {s.name for s in specs}, config)
     present = [s for s in specs if s.name not in created]
     mismatches = _verify(admin, present) if present else []
+    names = TopicNames(config.prefix)
+    tier_groups = [names.worker_group(tier) for tier in config.tier_names]
+    groups = configure_tier_groups(config, admin, tier_groups)
     return ProvisionReport(
-        created=sorted(created), verified=sorted(s.name for s in present), mismatches=mismatches
+        created=sorted(created),
+        verified=sorted(s.name for s in present),
+        mismatches=mismatches,
+        groups=groups,
     )
 
 

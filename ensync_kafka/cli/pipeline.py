@@ -27,11 +27,14 @@ def topics() -> None:
 @config_option
 def topics_create(config_path: str | None) -> None:
     """Create missing topics and check existing ones (idempotent)."""
-    report = ensure_topics(load(config_path))
+    cfg = load(config_path)
+    report = ensure_topics(cfg)
     for name in report.created:
         click.echo(f"created   {name}")
     for name in report.verified:
         click.echo(f"verified  {name}")
+    for group in report.groups:
+        click.echo(f"group     {group}: session {cfg.worker.session_timeout:g} s")
     for problem in report.mismatches:
         click.echo(f"MISMATCH  {problem}", err=True)
     if not report.ok:

@@ -57,8 +57,16 @@ def own_cluster() -> Iterator[LocalCluster]:
         cluster.stop()
 
 
-def replicated_config(prefix: str, cluster: LocalCluster, tmp_path: Path) -> tuple[Config, Path]:
-    mapping = pipeline_mapping(prefix, cluster.bootstrap, tmp_path / "state", worker_id="steady")
+def replicated_config(
+    prefix: str, cluster: LocalCluster, tmp_path: Path, protocol: str = "classic"
+) -> tuple[Config, Path]:
+    mapping = pipeline_mapping(
+        prefix,
+        cluster.bootstrap,
+        tmp_path / "state",
+        worker_id="steady",
+        worker={"group_protocol": protocol},
+    )
     for family in mapping["topics"].values():
         family.update(replication=REPLICATION, min_insync_replicas=MIN_ISR)
     return config_from_mapping(mapping, environ={}), write_config(tmp_path / "ensync.yaml", mapping)
@@ -88,15 +96,18 @@ def assert_none_left_open(config: Config) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("outage", ["kill", "freeze"])
+@pytest.mark.parametrize(
+    ("outage", "protocol"), [("kill", "classic"), ("freeze", "classic"), ("kill", "consumer")]
+)
 def test_a_broker_killed_or_frozen_mid_stream_loses_nothing_and_delivers_nothing_twice(
-    own_cluster: LocalCluster, unique_prefix: str, tmp_path: Path, outage: str
+    own_cluster: LocalCluster, unique_prefix: str, tmp_path: Path, outage: str, protocol: str
 ) -> None:
     """The node coordinating the 1s tier's transactions, SIGKILLed (no controlled shutdown), or
     SIGSTOPped until the controller has fenced it (its session, 9 s) and then let go on (a
     stalled broker: requests to it hang rather than fail, and it wakes fenced). Either way its
-    partitions have no leader until it is fenced."""
-    config, config_path = replicated_config(unique_prefix, own_cluster, tmp_path)
+    partitions have no leader until it is fenced. The tier groups on either group protocol
+    (worker.group_protocol): a killed node is often their coordinator."""
+    config, config_path = replicated_config(unique_prefix, own_cluster, tmp_path, protocol)
     ensure_topics(config)
     names = TopicNames(unique_prefix)
     written = [*(names.defer(t) for t in TIERS), *(names.state(t) for t in TIERS)]

@@ -47,6 +47,8 @@ from tests.helpers import (
 )
 
 SIGTERM_EXIT_S = 10.0
+GROUP_PROTOCOLS = ["classic", "consumer"]
+"""worker.group_protocol: the tier groups' rebalance protocol (groups.py)."""
 FREEZE_TXN_TIMEOUT_S = 4.0
 OUTAGES = {"restart": 0.0, "freeze": 7.0, "freeze-past-session": 12.0}
 """Seconds the broker is frozen (SIGSTOP; 0: restarted instead). 7 s is longer than the
@@ -112,9 +114,16 @@ def skipped_markers(broker: LocalBroker) -> list[str]:
     ]
 
 
+def fast_group_worker(protocol: str) -> dict[str, object]:
+    """FAST_GROUP_WORKER on ``protocol``; the consumer protocol's session is set on the broker by
+    ensure_topics (the local broker allows 6 s: ops/kafka/server.properties.template)."""
+    return {**FAST_GROUP_WORKER, "group_protocol": protocol}
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("protocol", GROUP_PROTOCOLS)
 def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, protocol: str
 ) -> None:
     state_dir = tmp_path / "state"
     mapping = pipeline_mapping(
@@ -122,12 +131,15 @@ def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
         kafka_bootstrap,
         state_dir,
         worker_id="crashy",
-        worker=FAST_GROUP_WORKER,
+        worker=fast_group_worker(protocol),
         client=FAST_GROUP_CLIENT,
     )
     config_path = write_config(tmp_path / "ensync.yaml", mapping)
     config = config_from_mapping(
-        pipeline_mapping(unique_prefix, kafka_bootstrap, state_dir), environ={}
+        pipeline_mapping(
+            unique_prefix, kafka_bootstrap, state_dir, worker=fast_group_worker(protocol)
+        ),
+        environ={},
     )
     ensure_topics(config)
     names = TopicNames(unique_prefix)
@@ -166,19 +178,23 @@ def test_worker_killed_mid_stream_then_restarted_delivers_exactly_once(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("protocol", GROUP_PROTOCOLS)
 def test_workers_rebalancing_mid_stream_deliver_exactly_once(
-    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, protocol: str
 ) -> None:
     mapping = pipeline_mapping(
         unique_prefix,
         kafka_bootstrap,
         tmp_path / "state",
-        worker=FAST_GROUP_WORKER,
+        worker=fast_group_worker(protocol),
         client=FAST_GROUP_CLIENT,
     )
     config_path = write_config(tmp_path / "ensync.yaml", mapping)
     config = config_from_mapping(
-        pipeline_mapping(unique_prefix, kafka_bootstrap, tmp_path / "state"), environ={}
+        pipeline_mapping(
+            unique_prefix, kafka_bootstrap, tmp_path / "state", worker=fast_group_worker(protocol)
+        ),
+        environ={},
     )
     ensure_topics(config)
     names = TopicNames(unique_prefix)

@@ -222,6 +222,7 @@ def test_unknown_key_names_the_path(data: dict, expected: str) -> None:
         ({"worker": {"delivered_retention": "-5s"}}, "worker.delivered_retention"),
         ({"worker": {"catchup_rate": 0}}, "worker.catchup_rate"),
         ({"worker": {"id": "has space"}}, "worker.id"),
+        ({"worker": {"group_protocol": "eager"}}, "worker.group_protocol"),
         ({"defer": {"max_delay": 0}}, "defer.max_delay"),
         ({"defer": {"max_delay": True}}, "defer.max_delay"),
         ({"defer": {"max_payload_bytes": 0}}, "defer.max_payload_bytes"),
