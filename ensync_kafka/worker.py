@@ -65,15 +65,15 @@ COORDINATOR_MOVED = (
     "the group lost its assignment, so its coordinator may have moved; a producer that cached "
     "the old one can wait for it for good (librdkafka #5511)"
 )
+"""Why a tier renews its producers after a lost assignment (its group session ended unanswered,
+as when the coordinator's broker of a cluster fails): the next send_offsets_to_transaction of a
+producer kept would wait on the coordinator that left until given up (SEND_OFFSETS_TIMEOUT_S)."""
 BROKER_GONE = (
     "a transaction's records timed out, so a broker may have gone; a producer that cached a "
     "coordinator on it can wait for it for good (librdkafka #5511)"
 )
 TIMEOUT_CODES = frozenset({KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT})
 """Errors of a transaction whose records got no answer: its abort renews the producers."""
-"""Why a tier renews its producers after a lost assignment (its group session ended unanswered,
-as when the coordinator's broker of a cluster fails): the next send_offsets_to_transaction of a
-producer kept would wait on the coordinator that left until given up (SEND_OFFSETS_TIMEOUT_S)."""
 RebalanceCallback = Callable[[Consumer, list[TopicPartition]], None]
 
 
