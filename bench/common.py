@@ -94,6 +94,8 @@ class Bench:
     """(b) and (c): worker processes sharing every tier (``--workers``)."""
     per_tier: bool = False
     """(b) and (c): one worker process per tier instead (``--worker-per-tier``)."""
+    group_protocol: str = "classic"
+    """worker.group_protocol of every section's workers (``--group-protocol``)."""
     run_id: str = field(default_factory=lambda: f"{int(time.time())}-{uuid.uuid4().hex[:6]}")
     prefixes: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
@@ -123,6 +125,7 @@ class Bench:
             "worker": {
                 "id": f"bench-{section}-{os.getpid()}",
                 "state_dir": str(self.tmp / "state" / section),
+                "group_protocol": self.group_protocol,
                 **worker,
             },
         }

@@ -285,10 +285,12 @@ def _phase_rows(phases: dict[str, Any] | None) -> list[tuple[str, str, str, str]
 
 
 def _layout(results: dict[str, Any]) -> str:
+    protocol = results.get("group_protocol", "classic")
+    groups = "" if protocol == "classic" else f"; tier groups on the {protocol} protocol"
     if results.get("worker_per_tier"):
-        return "one process per tier"
+        return "one process per tier" + groups
     n = results.get("workers", 1)
-    return "one process" if n == 1 else f"{n} processes, each running every tier"
+    return ("one process" if n == 1 else f"{n} processes, each running every tier") + groups
 
 
 def json_default(value: Any) -> Any:

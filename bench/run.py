@@ -101,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=50,
         help="fetch.wait.max.ms of the receiving consumer [50]",
     )
+    parser.add_argument(
+        "--group-protocol",
+        choices=["classic", "consumer"],
+        default="classic",
+        help="worker.group_protocol of the workers [classic]",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--kafka-version", default=None, help="when the broker is remote")
     parser.add_argument(
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         audit_partitions=args.audit_partitions,
         workers=args.workers,
         per_tier=args.worker_per_tier,
+        group_protocol=args.group_protocol,
     )
     log(
         f"{mode.name} mode on {bootstrap} ({env['cpu_count']} cores, Kafka {env['kafka']}); "
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker_per_tier": args.worker_per_tier,
         "workers": args.workers,
         "receiver_fetch_wait_ms": args.fetch_wait_ms,
+        "group_protocol": args.group_protocol,
         "sections": {},
         "errors": [],
     }
@@ -165,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         suffix += f"-priority{args.priority_partitions}"
     if args.audit_partitions:
         suffix += f"-audit{args.audit_partitions}"
+    if args.group_protocol != "classic":
+        suffix += f"-{args.group_protocol}-protocol"
     if args.worker_per_tier:
         suffix += "-per-tier"
     elif args.workers > 1:
