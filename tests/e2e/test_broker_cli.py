@@ -144,9 +144,17 @@ def _cluster_pids(home: Path) -> dict[str, int]:
     return pids
 
 
-def _leaders(bootstrap: str, topic: str) -> set[int]:
+def _leaders(bootstrap: str, topic: str) -> list[int]:
+    """The leader of each partition of ``topic`` (-1: none), as the broker that answers knows
+    them: a topic just created reaches each broker's metadata a moment after the controller's."""
     metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=30)
-    return {p.leader for p in metadata.topics[topic].partitions.values()}
+    return [p.leader for p in metadata.topics[topic].partitions.values()]
+
+
+def _led_by(bootstrap: str, topic: str, partitions: int, nodes: set[int]) -> bool:
+    """Every partition has a leader among ``nodes``."""
+    leaders = _leaders(bootstrap, topic)
+    return len(leaders) == partitions and set(leaders) <= nodes
 
 
 def test_a_cluster_of_three_its_nodes_killed_started_restarted_and_stopped(home: Path) -> None:
@@ -162,13 +170,16 @@ def test_a_cluster_of_three_its_nodes_killed_started_restarted_and_stopped(home:
     topic = "replicated"
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(topic, 6, 3)])[topic].result(timeout=30)
-    assert _leaders(bootstrap, topic) == {1, 2, 3}
+    wait_until(
+        lambda: _led_by(bootstrap, topic, 6, {1, 2, 3}), timeout=30, what="the topic's leaders"
+    )
+    assert set(_leaders(bootstrap, topic)) == {1, 2, 3}  # spread over the three
 
     _ok(_run(home, "broker", "node", "kill", "2"))
     assert localbroker._wait_gone(pids["2"], 10)
     assert "2 of 3 nodes up" in _ok(_run(home, "broker", "status"))
     # Its leaderships move once the controller fences it (its session, 9 s).
-    wait_until(lambda: 2 not in _leaders(bootstrap, topic), timeout=60, what="leaders to move")
+    wait_until(lambda: _led_by(bootstrap, topic, 6, {1, 3}), timeout=60, what="leaders to move")
 
     _ok(_run(home, "broker", "node", "start", "2"))
     assert "3 of 3 nodes up" in _ok(_run(home, "broker", "status"))
@@ -180,7 +191,8 @@ def test_a_cluster_of_three_its_nodes_killed_started_restarted_and_stopped(home:
     assert _last_line(restarted) == bootstrap
     after = _cluster_pids(home)
     assert all(localbroker._wait_gone(pid, 10) for pid in pids.values())
-    assert _leaders(bootstrap, topic) <= {1, 2, 3}  # the topic is still there, every partition led
+    # The topic is still there, every partition led.
+    wait_until(lambda: _led_by(bootstrap, topic, 6, {1, 2, 3}), timeout=30, what="leaders")
 
     run_dirs = list(home.glob("cluster-*"))
     assert "data removed" in _ok(_run(home, "broker", "stop"))
