@@ -237,7 +237,7 @@ class WorkerConfig(_Frozen):
     """The tier groups' rebalance protocol. "consumer" (KIP-848; Kafka 4.0+ brokers) keeps a
     worker in its group while the group's coordinator moves to another broker, where "classic"
     can time out, rejoin and wait for its old membership to expire: a killed broker of three
-    cost 11-22 s of lateness (median 15) instead of 14-26 (median 22; README). Its session
+    cost 10-19 s of lateness (median 13) instead of 14-26 (median 22; README). Its session
     timeout is a group config on the broker, which ``topics create`` sets from
     ``session_timeout``."""
     state_cache_bytes: int = Field(default=DEFAULT_STATE_CACHE_BYTES, ge=1024 * 1024)
