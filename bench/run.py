@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ensync_kafka.config import GROUP_PROTOCOLS
+
 from .common import FULL, PARTITIONS, QUICK, RESULTS_DIR, SECTIONS, Bench, Mode, log
 from .machine import environment, listener_pid
 from .report import json_default, markdown, profile_report
@@ -103,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--group-protocol",
-        choices=["classic", "consumer"],
+        choices=GROUP_PROTOCOLS,
         default="classic",
         help="worker.group_protocol of the workers [classic]",
     )

@@ -12,7 +12,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import pydantic
 import yaml
@@ -44,7 +44,10 @@ DEFAULT_CATCHUP_RATE_PER_S = 10_000.0
 DEFAULT_CATCHUP_GRACE_S = 1.0
 DEFAULT_TRANSACTION_TIMEOUT_S = 10.0
 DEFAULT_WORKER_SESSION_TIMEOUT_S = 10.0
-DEFAULT_WORKER_GROUP_PROTOCOL: Literal["classic", "consumer"] = "classic"
+GroupProtocol = Literal["classic", "consumer"]
+"""A consumer group's rebalance protocol (``worker.group_protocol``)."""
+GROUP_PROTOCOLS: tuple[GroupProtocol, ...] = get_args(GroupProtocol)
+DEFAULT_WORKER_GROUP_PROTOCOL: GroupProtocol = "classic"
 DEFAULT_STATE_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_STATE_MEMTABLE_BYTES = 64 * 1024 * 1024
 DEFAULT_STATE_DIR = "./ensync-state"
@@ -233,7 +236,7 @@ class WorkerConfig(_Frozen):
     group (BrokerWatch). Their deferrals wait that long; librdkafka's 45 s is for flaky networks.
     Within the broker's group.min/max.session.timeout.ms (6 s to 30 min by default); with
     ``group_protocol: consumer``, its group.consumer.min/max.session.timeout.ms (45 to 60 s)."""
-    group_protocol: Literal["classic", "consumer"] = DEFAULT_WORKER_GROUP_PROTOCOL
+    group_protocol: GroupProtocol = DEFAULT_WORKER_GROUP_PROTOCOL
     """The tier groups' rebalance protocol. "consumer" (KIP-848; Kafka 4.0+ brokers) keeps a
     worker in its group while the group's coordinator moves to another broker, where "classic"
     can time out, rejoin and wait for its old membership to expire: a killed broker of three

@@ -21,7 +21,7 @@ from ensync_kafka import (
     DeferRequest,
     ensure_topics,
 )
-from ensync_kafka.config import config_from_mapping
+from ensync_kafka.config import GROUP_PROTOCOLS, config_from_mapping
 from ensync_kafka.localbroker import DEFAULT_STOP_TIMEOUT_S, BrokerInfo, LocalBroker
 from ensync_kafka.topics import TopicNames
 from tests.e2e.ledger_stream import (
@@ -47,8 +47,6 @@ from tests.helpers import (
 )
 
 SIGTERM_EXIT_S = 10.0
-GROUP_PROTOCOLS = ["classic", "consumer"]
-"""worker.group_protocol: the tier groups' rebalance protocol (groups.py)."""
 FREEZE_TXN_TIMEOUT_S = 4.0
 OUTAGES = {"restart": 0.0, "freeze": 7.0, "freeze-past-session": 12.0}
 """Seconds the broker is frozen (SIGSTOP; 0: restarted instead). 7 s is longer than the
