@@ -47,6 +47,7 @@ POLL_S = 0.2
 WORKER_READY_TIMEOUT_S = 60.0
 WORKER_STOP_TIMEOUT_S = 30.0
 CONSUMER_STOP_S = 30.0
+STALL_CHECK_S = 5.0
 FAST_GROUP_CLIENT = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 """Group clients whose session ends quickly (the broker's minimum is 6 s): a killed worker's
 membership lingers only that long, and a broker outage past it loses the assignment."""
@@ -549,16 +550,23 @@ def collect_ledger(
     timeout: float,
     drain_s: float = 3.0,
     reader: TopicReader | None = None,
+    stalled: Callable[[], bool] | None = None,
 ) -> Ledger:
-    """Read ``topics`` (read_committed) until every expected id was delivered or ``timeout``
-    passed, then ``drain_s`` seconds more to catch duplicates."""
+    """Read ``topics`` (read_committed) until every expected id was delivered, ``timeout``
+    passed or ``stalled()`` (asked every STALL_CHECK_S) says nothing more will come, then
+    ``drain_s`` seconds more to catch duplicates."""
     ledger = Ledger(expected=dict(expected))
     own = reader is None
     reader = reader or TopicReader(bootstrap, topics)
     seen = 0
     try:
         deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + STALL_CHECK_S
         while ledger.missing and time.monotonic() < deadline:
+            if stalled is not None and time.monotonic() >= next_check:
+                if stalled():
+                    break
+                next_check = time.monotonic() + STALL_CHECK_S
             reader.poll_once()
             for record in reader.records[seen:]:
                 ledger.add(delivered([record])[0])
@@ -753,6 +761,11 @@ class WorkerProcess:
                 f"worker {self.worker_id} still running {timeout:.0f}s after the signal:\n"
                 + self.log()[-3000:]
             )
+
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> int:
+        """SIGTERM, as a supervisor stops it; its exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
 
     def close(self) -> None:
         """Kill it if it still runs (this test started it) and close the log."""

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from ensync_kafka import BrokerError, DeferClient, DeferRequest, PriorityConsumer
 from ensync_kafka.config import Config
+from ensync_kafka.hanging import HangingReport
 from ensync_kafka.models import to_ms
 from ensync_kafka.topics import TopicNames
+from tests.e2e.hanging_recovery import recover
 from tests.helpers import (
     FAST_GROUP_CLIENT,
     ConsumerThread,
@@ -134,11 +136,16 @@ def ride_out(
     *,
     seed: int,
     describe: Callable[[], str],
+    kafka_hung: Callable[[], HangingReport | None] | None = None,
 ) -> Ledger:
     """One worker process and a PriorityConsumer through a stream that ``outage`` disturbs once,
     in its middle and after the first deliveries: the same worker process must deliver every
     deferral, and the consumer handle each (at least once). The ledger is returned for the
-    caller to check exactly once; ``describe`` says what a failure message needs."""
+    caller to check exactly once; ``describe`` says what a failure message needs.
+
+    ``kafka_hung()`` says what hangs where the broker left a transaction open that no client
+    can mend (hanging_recovery): the stream is then recovered as ``topics hanging`` says, with a
+    new worker process, and the ledger must hold all the same."""
     handled: set[str] = set()
     consumer = PriorityConsumer(config, consumer_settings=FAST_GROUP_CLIENT)
     with (
@@ -158,7 +165,19 @@ def ride_out(
                 outage(worker)
 
         expected = stream(client, reader, disturb, seed=seed)
-        ledger = collect_ledger(bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader)
+        hung = (lambda: kafka_hung() is not None) if kafka_hung is not None else None
+        ledger = collect_ledger(
+            bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader, stalled=hung
+        )
+        report = kafka_hung() if kafka_hung is not None and ledger.missing else None
+        if report is not None:
+            print(f"Kafka left transactions hanging, recovering: {report.hanging}", flush=True)
+            state_dir = tmp_path / "state"
+            recover(config, bootstrap, report, stop_workers=worker.stop, state_dir=state_dir)
+            worker = procs.start(config.worker.id, state_dir)
+            ledger = collect_ledger(
+                bootstrap, [], expected, timeout=LEDGER_TIMEOUT_S, reader=reader
+            )
         assert worker.proc.poll() is None, worker.log()[-3000:]
         assert not ledger.missing, (
             f"{ledger.summary()}; {reader.state()}; {describe()}; "

@@ -16,45 +16,27 @@ a worker again; and checks the exactly-once ledger.
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
 
 from ensync_kafka import DeferClient, ensure_topics
-from ensync_kafka._kafkadist import tool_command
 from ensync_kafka.config import config_from_mapping
-from ensync_kafka.hanging import OFFSETS_TOPIC, find_hanging, plan_repairs
 from ensync_kafka.localbroker import LocalBroker
-from ensync_kafka.republish import republish
 from ensync_kafka.topics import TopicNames
+from tests.e2e.hanging_recovery import hanging, recover, skipped_markers
 from tests.e2e.ledger_stream import CHUNKS, TIERS, stream
-from tests.e2e.test_pipeline_exactly_once import skipped_markers
 from tests.helpers import (
     TopicReader,
     WorkerProcess,
     collect_ledger,
-    kafka_script,
     pipeline_mapping,
     write_config,
 )
 
 SETTLE_S = 60.0
 """How long the stream gets to finish before the transactions still open count as hanging."""
-HANGING_AFTER_S = 15.0
-TOOL_TIMEOUT_S = 120.0
-ABORT_ROUNDS = 5
-
-
-def kafka_tool(line: str) -> None:
-    """Run a printed ``kafka-<tool>.sh ...`` command with Kafka's tool from the broker's jars."""
-    result = subprocess.run(
-        tool_command(*kafka_script(line)), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
-    )
-    print(f"  $ {line}\n    exit {result.returncode}: {result.stdout.strip()[-300:]}", flush=True)
 
 
 def attempt(seed: int, root: Path) -> bool:
@@ -90,37 +72,16 @@ def attempt(seed: int, root: Path) -> bool:
 
             expected = stream(client, reader, restart, seed=seed)
         ledger = collect_ledger(bootstrap, queue, expected, timeout=SETTLE_S)
-        report = find_hanging(config, max_age_s=HANGING_AFTER_S)
+        report = hanging(config)
         print(
             f"try {seed}: {len(ledger.missing)} not delivered, "
             f"{len(skipped_markers(broker))} skipped-marker lines in the broker log, "
-            f"{len(report.hanging)} hanging",
+            f"{len(report.hanging) if report else 0} hanging",
             flush=True,
         )
-        if not report.hanging:
+        if report is None:
             return False
-        repairs = plan_repairs(config, report)
-        worker.signal(signal.SIGTERM)
-        worker.wait_exit(60)
-        ranges: dict[tuple[str, int], tuple[int, int]] = {}
-        hanging = report.hanging
-        for _ in range(ABORT_ROUNDS):  # an abort can uncover another open transaction behind it
-            for txn in hanging:
-                kafka_tool(txn.abort_command(bootstrap))
-                start, end = ranges.get((txn.topic, txn.partition), (txn.start_offset, 0))
-                ranges[(txn.topic, txn.partition)] = (start, max(end, txn.end_offset))
-            hanging = find_hanging(config, max_age_s=HANGING_AFTER_S).hanging
-            if not hanging:
-                break
-        print(f"  hanging after the aborts: {hanging}", flush=True)
-        for (topic, partition), (start, end) in sorted(ranges.items()):
-            if topic != OFFSETS_TOPIC:
-                again = republish(config, topic, partition, start, end)
-                print(f"  republished {topic}[{partition}]: {again}", flush=True)
-        shutil.rmtree(work / "state")
-        for repair in repairs:
-            for line in repair.commands(bootstrap):
-                kafka_tool(line)
+        recover(config, bootstrap, report, stop_workers=worker.stop, state_dir=work / "state")
         worker = start_worker()
         ledger = collect_ledger(bootstrap, queue, expected, timeout=SETTLE_S)
         print(f"  after the recovery: {ledger.summary()}", flush=True)

@@ -24,6 +24,7 @@ from ensync_kafka import (
 from ensync_kafka.config import GROUP_PROTOCOLS, config_from_mapping
 from ensync_kafka.localbroker import DEFAULT_STOP_TIMEOUT_S, BrokerInfo, LocalBroker
 from ensync_kafka.topics import TopicNames
+from tests.e2e.hanging_recovery import skipped_and_hanging, skipped_markers
 from tests.e2e.ledger_stream import (
     CHUNKS,
     DEFERRALS,
@@ -53,14 +54,19 @@ OUTAGES = {"restart": 0.0, "freeze": 7.0, "freeze-past-session": 12.0}
 worker's transaction timeout in that test (FREEZE_TXN_TIMEOUT_S), so the coordinator aborts
 what was open. 12 s is longer than the broker's own KRaft session (9 s): on waking it is fenced
 for a moment and answers Metadata requests with no brokers, which strands the librdkafka
-clients that ask then (librdkafka #5301, _kafka.BrokerWatch) until they are replaced."""
+clients that ask then (librdkafka #5301, _kafka.BrokerWatch) until they are replaced. Fenced
+so, it can also skip the markers of a commit it completes on waking and leave that transaction
+hanging (Kafka 4.4.0, restart_between_commits; seen in 1 of 11 runs): the test then recovers
+as ``topics hanging`` says (hanging_recovery) and checks the ledger all the same."""
+OUTAGE_TEST_TIMEOUT_S = 480
+"""A run takes 20-30 s; one that meets a hanging transaction waits HANGING_AFTER_S for it to
+count as hanging, and the recovery runs Kafka's tools (a JVM each) for up to two minutes."""
 
 
 COMMIT_DRAIN_S = 2.0
 """How long the broker gets to finish a commit it was sent (its markers take milliseconds)
 before it is stopped, the worker that sent it held meanwhile."""
 RESUME_POLL_S = 0.01
-SKIPPED_MARKERS = "Couldn't find leader endpoint"
 
 
 def restart_between_commits(broker: LocalBroker, worker_pid: int) -> BrokerInfo:
@@ -99,17 +105,6 @@ def _resume_when_gone(pid: int, worker_pid: int) -> None:
             break
         time.sleep(RESUME_POLL_S)
     os.kill(worker_pid, signal.SIGCONT)
-
-
-def skipped_markers(broker: LocalBroker) -> list[str]:
-    """The broker's log lines (this run's and the one before) about markers it skipped."""
-    return [
-        line
-        for path in (broker.previous_log_file, broker.log_file)
-        if path.exists()
-        for line in path.read_text(errors="replace").splitlines()
-        if SKIPPED_MARKERS in line
-    ]
 
 
 def fast_group_worker(protocol: str) -> dict[str, object]:
@@ -243,13 +238,14 @@ def test_workers_rebalancing_mid_stream_deliver_exactly_once(
     assert tiers == set(TIERS)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(OUTAGE_TEST_TIMEOUT_S)
 @pytest.mark.parametrize("outage", list(OUTAGES))
 def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
     own_broker: LocalBroker, unique_prefix: str, tmp_path: Path, outage: str
 ) -> None:
     """One broker, restarted or frozen while deferrals are held and sent: the same worker
-    process delivers each exactly once, and a PriorityConsumer handles each (at least once)."""
+    process delivers each exactly once, and a PriorityConsumer handles each (at least once);
+    where the broker left a transaction hanging, after the recovery ``topics hanging`` prints."""
     info = own_broker.status()
     assert info is not None
     bootstrap = info.bootstrap
@@ -279,6 +275,7 @@ def test_worker_and_consumer_ride_out_a_broker_outage_mid_stream(
         outage,
         seed=3,
         describe=lambda: f"markers the broker skipped: {skipped_markers(own_broker)}",
+        kafka_hung=lambda: skipped_and_hanging(own_broker, config),
     )
     assert outages == [1]
     ledger.assert_exactly_once()
