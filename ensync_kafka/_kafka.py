@@ -17,6 +17,8 @@ from .exceptions import BrokerError
 
 log = logging.getLogger("ensync_kafka.kafka")
 
+ADMIN_TIMEOUT_S = 30.0
+"""How long an admin request (topics, group configs) may take before provisioning gives up."""
 BROKER_WATCH_INTERVAL_MS = 5000
 """How often a watched client reports the brokers it knows (librdkafka statistics)."""
 STRANDED_REPORTS = 2

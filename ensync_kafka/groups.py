@@ -22,6 +22,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
+from ._kafka import ADMIN_TIMEOUT_S
 from .config import Config, WorkerConfig
 from .exceptions import BrokerError, ConfigError
 
@@ -29,7 +30,6 @@ log = logging.getLogger("ensync_kafka.groups")
 
 SESSION_CONFIG = "consumer.session.timeout.ms"
 """The group config that holds a consumer-protocol group's session timeout."""
-GROUP_ADMIN_TIMEOUT_S = 30.0
 
 CLASSIC_ONLY = frozenset(
     {
@@ -80,7 +80,7 @@ def configure_tier_groups(config: Config, admin: AdminClient, groups: list[str])
     ]
     for resource, future in admin.incremental_alter_configs(resources).items():
         try:
-            future.result(timeout=GROUP_ADMIN_TIMEOUT_S)
+            future.result(timeout=ADMIN_TIMEOUT_S)
         except KafkaException as exc:
             err = exc.args[0]
             if err.name() == "INVALID_CONFIG":  # out of the broker's bounds
@@ -107,7 +107,7 @@ def warn_if_session_differs(config: Config, group: str) -> None:
     admin = AdminClient(config.kafka.client_settings())
     resource = ConfigResource(ResourceType.GROUP, group)
     try:
-        entries = admin.describe_configs([resource])[resource].result(timeout=GROUP_ADMIN_TIMEOUT_S)
+        entries = admin.describe_configs([resource])[resource].result(timeout=ADMIN_TIMEOUT_S)
     except KafkaException as exc:
         log.warning("group %s: cannot read its %s: %s", group, SESSION_CONFIG, exc)
         return

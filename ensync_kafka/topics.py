@@ -14,11 +14,11 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
+from ._kafka import ADMIN_TIMEOUT_S
 from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TopicFamilyConfig
 from .exceptions import BrokerError
 from .groups import configure_tier_groups
 
-ADMIN_TIMEOUT_S = 30.0
 METADATA_POLL_S = 0.05
 TIER_RETENTION_FLOOR_S = 7 * 86400.0
 """A tier topic keeps records at least this long, and always longer than the tier's span, so a
