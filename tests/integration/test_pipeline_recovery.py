@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -282,13 +282,19 @@ def _assert_exactly_once_across(
     ledger.assert_exactly_once()
 
 
+def _all_new(tier: TierWorker, old: Iterable[Producer]) -> bool:
+    """None of ``tier``'s producers is one of ``old``: compared by identity with the old objects
+    held by the caller, since a freed producer's ``id()`` can come back as its replacement's."""
+    return not any(p is o for p in tier.txn.producers for o in old)
+
+
 def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
-    fenced: set[int] = set()
+    fenced: list[Producer] = []
 
     def disturb(tier: TierWorker) -> None:
-        fenced.update(map(id, tier.txn.producers))
+        fenced.extend(tier.txn.producers)
         for n in range(TRANSACTIONAL_PRODUCERS):  # both, while releases are under way
             _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "d", n))
 
@@ -296,7 +302,7 @@ def test_a_fenced_producer_is_replaced_and_nothing_is_lost_or_repeated(
         # A replacement replaces both, as a restart would; one that races an intruder's own
         # start is fenced once more.
         wait_until(
-            lambda: tier.txn.renewals and not set(map(id, tier.txn.producers)) & fenced,
+            lambda: tier.txn.renewals and _all_new(tier, fenced),
             timeout=WAIT_S,
             what="both fenced producers replaced",
         )
@@ -383,15 +389,14 @@ def test_a_producer_fenced_again_and_again_stops_the_worker(
     tier = worker.worker.tiers[0]
     with DeferClient(config) as client:
         for round_ in range(PRODUCER_RENEWALS_MAX + 1):
-            fenced = set(map(id, tier.txn.producers))
+            fenced = tier.txn.producers
             for n in range(TRANSACTIONAL_PRODUCERS):
                 _fence(kafka_bootstrap, transactional_id(unique_prefix, "1s", "g", n))
             client.defer("g", round_, delay=0.1)
             # Noticed, and every producer replaced: the next round fences the new ones.
             wait_until(
                 lambda r=round_, f=fenced: (
-                    worker.error is not None
-                    or (len(tier.txn.renewals) > r and not set(map(id, tier.txn.producers)) & f)
+                    worker.error is not None or (len(tier.txn.renewals) > r and _all_new(tier, f))
                 ),
                 timeout=WAIT_S,
                 what=f"fencing round {round_} to be noticed",
