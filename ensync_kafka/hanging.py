@@ -382,7 +382,11 @@ class StabilityWatch:
         return [tp for tp in project_partitions(self._config, counts) if tp[0] in topics]
 
     def check(self, partitions: Iterable[Partition]) -> dict[Partition, float]:
-        offsets = stable_offsets(self.admin, partitions)
+        try:
+            offsets = stable_offsets(self.admin, partitions)
+        except BrokerError:
+            self._admin = None  # its metadata can stay stale after a broker was fenced: anew
+            raise
         now = time.monotonic()
         since: dict[Partition, tuple[int, float]] = {}
         for tp, (lso, end) in offsets.items():

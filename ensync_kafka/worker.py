@@ -40,9 +40,11 @@ from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
 from .due import DueTimers
 from .exceptions import BrokerError, SerializationError
 from .groups import tier_consumer_settings, warn_if_session_differs
+from .hanging import HANGING_MARGIN_S
 from .hooks import TurnPhases, WorkerHooks
 from .models import now_ms
 from .restore import replay_changelog
+from .settle import AbortSettle
 from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
 from .topics import TopicNames
 
@@ -148,6 +150,11 @@ class TierWorker:
         (a failed ``committed()`` there comes out as a bare KafkaError, not an exception)."""
         self._sticky = StickyPartitions({})  # the priority topics' partitions are learnt in run()
         self.txn = TransactionalProducers(config, tier.name)
+        self._settle = AbortSettle(config, tier.name, w.transaction_timeout + HANGING_MARGIN_S)
+        self._aborted = True
+        """An abort of ours may not be final yet (AbortSettle): step() waits for it before the
+        next transaction. True at start, since init_transactions aborts what a predecessor
+        left open."""
         self.consumer, self.restorer = self._new_consumers()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -247,6 +254,10 @@ class TierWorker:
         if self._consumer_watch.stranded:
             log.warning("tier %s: replacing the stranded consumer", self.tier.name)
             self._replace_consumers()
+        if self._aborted:
+            if not self._settle.wait(self.stop_event):
+                return
+            self._aborted = False
         wait_s = self.due.wait_s(self.stores, now_ms())
         msgs = self.consumer.consume(self.config.worker.intake_batch_size, wait_s)
         if self._rebalance_failure is not None:
@@ -556,6 +567,7 @@ class TierWorker:
         except KafkaException as abort_exc:  # fenced while aborting, wedged, or abandoned
             self._start_over(abort_exc)
             return
+        self._aborted = True
         # Nothing of this turn happened (RocksDB is written only after a commit): read its
         # records again.
         for p, offset in turn.first_offset.items():
@@ -570,6 +582,7 @@ class TierWorker:
         be stranded with the producer: BrokerWatch). At most PRODUCER_RENEWALS_MAX times in the
         window."""
         self.txn.replace(exc)
+        self._aborted = True
         self._replace_consumers()
 
     def _replace_consumers(self) -> None:

@@ -468,8 +468,17 @@ class Ledger:
     expected: dict[str, int]
     """defer_id -> due_at (ms)."""
     deliveries: dict[str, list[Delivery]] = field(default_factory=dict)
+    rereads: int = 0
+    """Records the reader returned again (the same offset): the reader's doing, not a second
+    delivery."""
+    _seen: set[tuple[str, int, int]] = field(default_factory=set)
 
     def add(self, delivery: Delivery) -> None:
+        r = delivery.record
+        if (r.topic, r.partition, r.offset) in self._seen:
+            self.rereads += 1
+            return
+        self._seen.add((r.topic, r.partition, r.offset))
         self.deliveries.setdefault(delivery.event.defer_id, []).append(delivery)
 
     @property
@@ -508,10 +517,21 @@ class Ledger:
         return (
             f"{len(self.expected)} deferred, {len(self.deliveries)} distinct delivered, "
             f"{len(self.missing)} missing (e.g. {self.missing[:5]}), "
-            f"{len(self.duplicated)} duplicated (e.g. {list(self.duplicated.items())[:5]}), "
+            f"{len(self.duplicated)} duplicated (e.g. {self._copies(list(self.duplicated)[:5])}), "
             f"{len(self.unexpected)} unexpected, {len(self.early)} early "
-            f"(e.g. {self.early[:5]})"
+            f"(e.g. {self.early[:5]}), {self.rereads} read again"
         )
+
+    def _copies(self, ids: Iterable[str]) -> dict[str, list[str]]:
+        """Where each delivery of ``ids`` sits, and when its turn stamped it."""
+        return {
+            i: [
+                f"{d.record.topic}[{d.record.partition}]@{d.record.offset} "
+                f"{d.event.delivered_at.timestamp():.3f}"
+                for d in self.deliveries[i]
+            ]
+            for i in ids
+        }
 
     def where(self, ids: Iterable[str], group: str | None = None, bootstrap: str = "") -> str:
         """Where the deliveries of ``ids`` sit (per partition: how many, first and last offset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from ensync_kafka.hanging import (
     plan_repairs,
 )
 from ensync_kafka.models import now_ms
+from ensync_kafka.settle import AbortSettle
 from ensync_kafka.topics import TopicNames
 from tests.helpers import pipeline_config, transactional_producer, wait_until
 
@@ -159,3 +161,33 @@ def test_a_repair_rewinds_the_tier_group_to_before_the_hanging_offsets(
         assert repairs["1s"].rewind == {0: 9, 1: 7, 2: None}
         assert f"--topic {topic}:2 --to-earliest --execute" in repairs["1s"].commands("b")[2]
     committer.close()
+
+
+def test_after_an_abort_a_tier_writes_again_only_once_nothing_is_left_open_where_it_writes(
+    kafka_bootstrap: str, unique_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AbortSettle: settled at once when nothing is open; while a transaction stays open on a
+    partition the tier writes it waits, says so once that outlasts any transaction of ours, and
+    goes on when it ends; a stop ends the wait."""
+    config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path)
+    assert ensure_topics(config).ok
+    settle = AbortSettle(config, "1s", hanging_after_s=0.5)
+    stop = threading.Event()
+    assert settle.wait(stop)
+    topic = TopicNames(unique_prefix).priority("default", 3)
+    settled = threading.Event()
+    waiter = threading.Thread(target=lambda: settle.wait(stop) and settled.set())
+    with open_transaction(kafka_bootstrap) as txn:
+        txn.produce(topic, b"open", partition=1)
+        assert txn.flush(30) == 0
+        waiter.start()
+        wait_until(lambda: "still open on" in caplog.text, timeout=WAIT_S, what="the error")
+        assert f"{topic}[1]@" in caplog.text
+        assert not settled.is_set()
+    waiter.join(WAIT_S)  # committed on the way out
+    assert settled.is_set()
+    with open_transaction(kafka_bootstrap) as txn:
+        txn.produce(topic, b"open", partition=1)
+        assert txn.flush(30) == 0
+        stop.set()
+        assert not settle.wait(stop)
