@@ -7,8 +7,9 @@ transaction"). The aborted records then stay open there, and under transactions 
 librdkafka speaks, a partition ends whatever transaction a producer has open with that
 producer's next marker of the same or a newer epoch (Kafka's ``ProducerAppendInfo``): the
 transactional id's next commit would commit the aborted releases with its own, and each would be
-delivered twice. Seen: 2 of 14 runs of the outage e2e test with the broker frozen past its
-session, 3 and 12 deliveries twice.
+delivered twice. 2 of 14 runs of the outage e2e test with the broker frozen past its session
+delivered 3 and 12 deferrals twice before this (the cause inferred from Kafka's code: those
+runs' broker logs were gone).
 
 So after an abort (and at start: init_transactions aborts what a predecessor left open) a tier
 writes again only once the last stable offset of every partition it writes has reached the end
@@ -69,7 +70,7 @@ class AbortSettle:
         """True once settled; False if ``stop`` was set first."""
         started = time.monotonic()
         baseline: dict[Partition, int] | None = None
-        reported = False
+        reported = failed = False
         pause = SETTLE_POLL_S
         while not stop.is_set():
             try:
@@ -79,7 +80,9 @@ class AbortSettle:
             except BrokerError as exc:
                 # The broker is away still, or this client's metadata is stale for good (after a
                 # broker was fenced it kept getting FENCED_LEADER_EPOCH): ask again with a new one.
-                log.warning("tier %s: waiting for an abort to settle: %s", self._tier, exc)
+                level = logging.DEBUG if failed else logging.WARNING
+                log.log(level, "tier %s: waiting for an abort to settle: %s", self._tier, exc)
+                failed = True
                 self._admin = None
                 stop.wait(SETTLE_POLL_MAX_S)
                 continue
