@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +31,10 @@ are at most 10 s) at its next check (every 10 s: the broker's
 ``transaction.abort.timed.out.transaction.cleanup.interval.ms``), and a broker frozen for 12 s
 checks nothing meanwhile."""
 TOOL_TIMEOUT_S = 120.0
-ABORT_ROUNDS = 5
+SETTLE_AFTER_STOP_S = 180.0
+"""How long after the workers stop transactions may still be open: theirs until the coordinator
+aborts them, hanging ones until they count as hanging and are aborted."""
+OPEN_RECHECK_S = 2.0
 
 
 def skipped_markers(broker: LocalBroker) -> list[str]:
@@ -78,18 +82,21 @@ def recover(
     repairs = plan_repairs(config, report)  # reads the group's offsets while they still hang
     stop_workers()
     ranges: dict[tuple[str, int], tuple[int, int]] = {}
-    open_now = report.hanging
-    for _ in range(ABORT_ROUNDS):  # an abort can uncover another open transaction behind it
-        for txn in open_now:
+    deadline = time.monotonic() + SETTLE_AFTER_STOP_S
+    while True:
+        for txn in report.hanging:
             kafka_tool(txn.abort_command(bootstrap))
             start, end = ranges.get((txn.topic, txn.partition), (txn.start_offset, 0))
             ranges[(txn.topic, txn.partition)] = (start, max(end, txn.end_offset))
-        still = hanging(config)
-        if still is None:
+        report = find_hanging(config, max_age_s=HANGING_AFTER_S)
+        if not report.open:
             break
-        open_now = still.hanging
-    else:
-        raise AssertionError(f"still hanging after {ABORT_ROUNDS} rounds of aborts: {open_now}")
+        # An abort can uncover another open transaction behind it, and a request the broker
+        # took in late can open one after the check (offsets of a turn aborted while it slept):
+        # with the workers stopped nothing else is open for long, so go on until nothing is.
+        assert time.monotonic() < deadline, f"still open after the aborts: {report.open}"
+        if not report.hanging:
+            time.sleep(OPEN_RECHECK_S)
     for (topic, partition), (start, end) in sorted(ranges.items()):
         if topic != OFFSETS_TOPIC:
             again = republish(config, topic, partition, start, end)
