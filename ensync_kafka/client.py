@@ -97,6 +97,7 @@ class DeferClient:
             config.topics.defer.partitions if partitioner == DEFAULT_PARTITIONER else 1
         )
         self._producer = self._new_producer()
+        self._closed = False
 
     def _new_producer(self) -> Producer:
         return Producer(
@@ -411,7 +412,15 @@ class DeferClient:
         return int(self._producer.flush(timeout))
 
     def close(self) -> None:
-        self._producer.flush(DELIVERY_TIMEOUT_S)
+        """Send what is queued, then close the producer: left to the garbage collector, its
+        threads go on connecting to the brokers, for good if anything still refers to it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._producer.flush(DELIVERY_TIMEOUT_S)
+        finally:
+            self._producer.close()
 
     def __enter__(self) -> DeferClient:
         return self

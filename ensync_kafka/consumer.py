@@ -318,7 +318,10 @@ class PriorityConsumer:
                 self.group,
             )
         finally:
-            self._producer.flush(FLUSH_TIMEOUT_S)
+            try:
+                self._producer.flush(FLUSH_TIMEOUT_S)
+            finally:
+                self._producer.close()  # run() opens a new one
             if self._owns_client and self._client is not None:
                 self._client.close()
                 self._client = None
