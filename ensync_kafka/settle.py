@@ -36,6 +36,8 @@ SETTLE_POLL_S = 0.02
 """The first wait between checks; it doubles up to SETTLE_POLL_MAX_S. After a healthy abort the
 markers land within milliseconds."""
 SETTLE_POLL_MAX_S = 1.0
+SETTLE_SLOW_S = 5.0
+"""A wait this long is logged (once, at INFO) with the partitions holding it back."""
 
 
 class AbortSettle:
@@ -70,7 +72,7 @@ class AbortSettle:
         """True once settled; False if ``stop`` was set first."""
         started = time.monotonic()
         baseline: dict[Partition, int] | None = None
-        reported = failed = False
+        reported = failed = slow = False
         pause = SETTLE_POLL_S
         while not stop.is_set():
             try:
@@ -94,6 +96,14 @@ class AbortSettle:
                     log.info("tier %s: the aborted transaction ended; writing again", self._tier)
                 return True
             waited = time.monotonic() - started
+            if not slow and waited > SETTLE_SLOW_S:
+                slow = True
+                log.info(
+                    "tier %s: waiting %.0f s after an abort for %s to be stable",
+                    self._tier,
+                    waited,
+                    ", ".join(f"{t}[{p}]@{lso}<{baseline[t, p]}" for (t, p), lso in open_.items()),
+                )
             if not reported and waited > self.hanging_after_s:
                 reported = True
                 log.error(
