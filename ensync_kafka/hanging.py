@@ -45,7 +45,9 @@ log = logging.getLogger("ensync_kafka.hanging")
 OFFSETS_TOPIC = "__consumer_offsets"
 KAFKA_MAX_TRANSACTION_TIMEOUT_S = 900.0
 """Kafka's default ``transaction.max.timeout.ms``: no transaction may stay open longer."""
-ADMIN_TIMEOUT_S = 15.0
+QUERY_TIMEOUT_S = 15.0
+"""How long one of these checks' requests may take: shorter than provisioning's
+``ADMIN_TIMEOUT_S``, since they run while the cluster may be failing and are asked again."""
 OFFSETS_ATTEMPTS = 5
 OFFSETS_RETRY_S = 0.5
 _LEADER_MOVING = frozenset(
@@ -124,10 +126,16 @@ def offsets_partition(group: str, partitions: int) -> int:
 
 
 def stable_offsets(
-    admin: AdminClient, partitions: Iterable[Partition]
+    admin: AdminClient,
+    partitions: Iterable[Partition],
+    *,
+    timeout_s: float = QUERY_TIMEOUT_S,
+    attempts: int = OFFSETS_ATTEMPTS,
 ) -> dict[Partition, tuple[int, int]]:
     """(last stable offset, end offset) of each partition. The LSO is read first, so it is never
-    above the end read after it."""
+    above the end read after it. In a broker failure a request for a partition whose leader died
+    waited out the whole timeout (librdkafka 2.16), so a caller that checks again anyway passes
+    a short one and one attempt."""
     tps = [TopicPartition(t, p) for t, p in partitions]
     if not tps:
         return {}
@@ -138,11 +146,11 @@ def stable_offsets(
         futures = admin.list_offsets(
             {tp: spec for tp in tps},
             isolation_level=level,
-            request_timeout=ADMIN_TIMEOUT_S,
+            request_timeout=timeout_s,
         )
         return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
-    for attempt in range(OFFSETS_ATTEMPTS):
+    for attempt in range(attempts):
         try:
             lso = latest(IsolationLevel.READ_COMMITTED)
             end = latest(IsolationLevel.READ_UNCOMMITTED)
@@ -150,7 +158,7 @@ def stable_offsets(
         except KafkaException as exc:
             err = exc.args[0]
             again = err.retriable() or err.code() in _LEADER_MOVING
-            if not again or attempt == OFFSETS_ATTEMPTS - 1:
+            if not again or attempt == attempts - 1:
                 raise _failed("listing offsets", exc) from exc
             time.sleep(OFFSETS_RETRY_S)
     raise AssertionError("unreachable")
@@ -199,7 +207,7 @@ def max_transaction_timeout_s(admin: AdminClient, brokers: Iterable[int]) -> flo
     where it cannot be read (no DescribeConfigs permission, say)."""
     try:
         resource = ConfigResource("BROKER", str(min(brokers)))
-        futures = admin.describe_configs([resource], request_timeout=ADMIN_TIMEOUT_S)
+        futures = admin.describe_configs([resource], request_timeout=QUERY_TIMEOUT_S)
         for future in futures.values():
             entry = future.result().get("transaction.max.timeout.ms")
             if entry is not None and entry.value:
@@ -252,7 +260,7 @@ def committed_before(
 
 def cluster_metadata(admin: AdminClient) -> ClusterMetadata:
     try:
-        return admin.list_topics(timeout=ADMIN_TIMEOUT_S)
+        return admin.list_topics(timeout=QUERY_TIMEOUT_S)
     except KafkaException as exc:
         raise _failed("listing topics", exc) from exc
 
@@ -351,6 +359,51 @@ def plan_repairs(config: Config, report: HangingReport) -> list[TierRepair]:
     return repairs
 
 
+def shared_topics(config: Config) -> list[str]:
+    """The topics every tier worker writes records to: the priority topics and the audit topic."""
+    names = TopicNames(config.prefix)
+    return [names.audit, *(t for q in config.queues for t in names.queue(q))]
+
+
+class OffsetsProbe:
+    """Offsets read again and again through one admin client, made anew after a failed request:
+    after a broker was fenced, a client's metadata stayed stale for good (FENCED_LEADER_EPOCH on
+    every request)."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._admin: AdminClient | None = None
+
+    def _client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient(self._config.kafka.client_settings())
+        return self._admin
+
+    def partitions(self, topics: Iterable[str]) -> list[Partition]:
+        """Every partition of those topics that exist."""
+        try:
+            counts = partition_counts(cluster_metadata(self._client()))
+        except BrokerError:
+            self._admin = None
+            raise
+        return sorted((t, p) for t in set(topics) for p in range(counts.get(t, 0)))
+
+    def stable_offsets(
+        self,
+        partitions: Iterable[Partition],
+        *,
+        timeout_s: float = QUERY_TIMEOUT_S,
+        attempts: int = OFFSETS_ATTEMPTS,
+    ) -> dict[Partition, tuple[int, int]]:
+        """:func:`stable_offsets` through this client."""
+        client = self._client()
+        try:
+            return stable_offsets(client, partitions, timeout_s=timeout_s, attempts=attempts)
+        except BrokerError:
+            self._admin = None
+            raise
+
+
 class StabilityWatch:
     """How long each watched partition's last stable offset has stood still below its end:
     under load it moves with every commit, so one that stands still for longer than any
@@ -362,31 +415,18 @@ class StabilityWatch:
     def __init__(self, config: Config, hanging_after_s: float) -> None:
         self._config = config
         self.hanging_after_s = hanging_after_s
-        self._admin: AdminClient | None = None
+        self._probe = OffsetsProbe(config)
         self._since: dict[Partition, tuple[int, float]] = {}
         self._reported: set[tuple[Partition, int]] = set()
         self.ages: dict[Partition, float] = {}
         """The latest check's open partitions and how long each has stood still, in seconds."""
 
-    @property
-    def admin(self) -> AdminClient:
-        if self._admin is None:
-            self._admin = AdminClient(self._config.kafka.client_settings())
-        return self._admin
-
     def shared_partitions(self) -> list[Partition]:
         """Every partition of the priority topics and the audit topic."""
-        names = TopicNames(self._config.prefix)
-        topics = {names.audit, *(t for q in self._config.queues for t in names.queue(q))}
-        counts = partition_counts(cluster_metadata(self.admin))
-        return [tp for tp in project_partitions(self._config, counts) if tp[0] in topics]
+        return self._probe.partitions(shared_topics(self._config))
 
     def check(self, partitions: Iterable[Partition]) -> dict[Partition, float]:
-        try:
-            offsets = stable_offsets(self.admin, partitions)
-        except BrokerError:
-            self._admin = None  # its metadata can stay stale after a broker was fenced: anew
-            raise
+        offsets = self._probe.stable_offsets(partitions)
         now = time.monotonic()
         since: dict[Partition, tuple[int, float]] = {}
         for tp, (lso, end) in offsets.items():

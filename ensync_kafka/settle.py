@@ -23,11 +23,9 @@ import logging
 import threading
 import time
 
-from confluent_kafka.admin import AdminClient
-
 from .config import Config
 from .exceptions import BrokerError
-from .hanging import Partition, cluster_metadata, partition_counts, stable_offsets
+from .hanging import OffsetsProbe, Partition, shared_topics
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.worker")
@@ -36,6 +34,9 @@ SETTLE_POLL_S = 0.02
 """The first wait between checks; it doubles up to SETTLE_POLL_MAX_S. After a healthy abort the
 markers land within milliseconds."""
 SETTLE_POLL_MAX_S = 1.0
+SETTLE_CHECK_TIMEOUT_S = 2.0
+"""How long one check may take. Healthy it takes milliseconds; in a broker failure a check
+waiting out the default timeout for a dead leader held a tier 30 s longer than the failure."""
 SETTLE_SLOW_S = 5.0
 """A wait this long is logged (once, at INFO) with the partitions holding it back."""
 
@@ -52,20 +53,14 @@ class AbortSettle:
         self._tier = tier
         self.hanging_after_s = hanging_after_s
         """Past this the wait is logged as an error: no transaction of ours lasts as long."""
-        self._admin: AdminClient | None = None
+        self._probe = OffsetsProbe(config)
         self._partitions: list[Partition] | None = None
 
-    def _written(self, admin: AdminClient) -> list[Partition]:
+    def _written(self) -> list[Partition]:
         if self._partitions is None:
             names = TopicNames(self._config.prefix)
-            counts = partition_counts(cluster_metadata(admin))
-            topics = {
-                names.state(self._tier),
-                names.audit,
-                names.invalid,
-                *(t for q in self._config.queues for t in names.queue(q)),
-            }
-            self._partitions = [(t, p) for t in sorted(topics) for p in range(counts.get(t, 0))]
+            topics = [names.state(self._tier), names.invalid, *shared_topics(self._config)]
+            self._partitions = self._probe.partitions(topics)
         return self._partitions
 
     def wait(self, stop: threading.Event) -> bool:
@@ -76,16 +71,13 @@ class AbortSettle:
         pause = SETTLE_POLL_S
         while not stop.is_set():
             try:
-                if self._admin is None:
-                    self._admin = AdminClient(self._config.kafka.client_settings())
-                offsets = stable_offsets(self._admin, self._written(self._admin))
-            except BrokerError as exc:
-                # The broker is away still, or this client's metadata is stale for good (after a
-                # broker was fenced it kept getting FENCED_LEADER_EPOCH): ask again with a new one.
+                offsets = self._probe.stable_offsets(
+                    self._written(), timeout_s=SETTLE_CHECK_TIMEOUT_S, attempts=1
+                )
+            except BrokerError as exc:  # the broker is away still: ask again
                 level = logging.DEBUG if failed else logging.WARNING
                 log.log(level, "tier %s: waiting for an abort to settle: %s", self._tier, exc)
                 failed = True
-                self._admin = None
                 stop.wait(SETTLE_POLL_MAX_S)
                 continue
             if baseline is None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ensync_kafka.config import config_from_mapping
+from ensync_kafka.exceptions import BrokerError
 from ensync_kafka.hanging import (
     OFFSETS_TOPIC,
+    QUERY_TIMEOUT_S,
     HangingReport,
+    OffsetsProbe,
     OpenTransaction,
     TierRepair,
     offset_commit_record,
@@ -105,3 +110,17 @@ def test_the_partitions_checked_are_the_configurations_and_its_groups_offsets() 
         "hello": 22,
     }
     assert offsets_partitions(config, {}, ["hello"]) == {}  # no group has committed yet
+
+
+def test_an_offsets_check_asked_for_a_short_timeout_gives_up_after_it_and_starts_afresh() -> None:
+    """The abort settle checks with a short timeout and one attempt: an unanswered check must
+    not hold a tier for the default timeout (nor its retries), and the next check uses a new
+    client, as one whose metadata went stale would never recover."""
+    config = config_from_mapping({"kafka": {"bootstrap_servers": "127.0.0.1:9"}}, environ={})
+    probe = OffsetsProbe(config)
+    first = probe._client()
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="listing offsets"):
+        probe.stable_offsets([("t", 0)], timeout_s=0.5, attempts=1)
+    assert time.monotonic() - started < QUERY_TIMEOUT_S
+    assert probe._client() is not first
