@@ -10,6 +10,9 @@ turn leaves nothing behind that the changelog does not also say.
 Every transaction carries the offsets of all assigned partitions, even a turn that consumed
 nothing: the group generation in ``send_offsets_to_transaction`` is what fences a zombie that
 lost its partitions (KIP-447), and on assignment ``committed()`` waits for its open transaction.
+
+What a record read does is ``_intake.Intake``'s and what a release writes ``_release.Release``'s;
+this module runs the turn, its transaction and the partitions' assignment and restore.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import (
     Consumer,
@@ -30,22 +32,23 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from . import audit, control
+from ._intake import Intake
 from ._kafka import BoundedCall, BrokerWatch, retire, where
+from ._release import Release
 from ._sticky import StickyPartitions
 from ._turn import Turn
 from ._txn import TXN_TIMEOUT_S, TransactionalProducers
-from .codec import DEFERRAL, INVALID, delivered_suffix, marker_tail, marker_value
-from .config import PRIORITY_MAX, PRIORITY_MIN, Config, TierConfig
+from .audit import DeferralAudit
+from .config import Config, TierConfig
 from .due import DueTimers
-from .exceptions import BrokerError, SerializationError
+from .exceptions import BrokerError
 from .groups import tier_consumer_settings, warn_if_session_differs
 from .hanging import HANGING_MARGIN_S
 from .hooks import TurnPhases, WorkerHooks
 from .models import now_ms
 from .restore import replay_changelog
 from .settle import AbortSettle
-from .state import MARKER_PREFIX, TIMER, PartitionStore, StateMemory, timer_key
+from .state import MARKER_PREFIX, PartitionStore, StateMemory
 from .topics import TopicNames
 
 log = logging.getLogger("ensync_kafka.worker")
@@ -123,20 +126,18 @@ class TierWorker:
         self.names = TopicNames(config.prefix)
         self.topic = self.names.defer(tier.name)
         self.state_topic = self.names.state(tier.name)
-        self.actor = f"worker:{w.id}"
-        self._audit = audit.DeferralAudit(tier=tier.name, actor=self.actor)
+        actor = f"worker:{w.id}"
+        audit_of = DeferralAudit(tier=tier.name, actor=actor)
+        self.intake = Intake(
+            self.names, config.queues, tier=tier.name, actor=actor, audit_of=audit_of
+        )
+        self.release = Release(self.names, config.queues, tier=tier.name, audit_of=audit_of)
         self.state_root = Path(w.state_dir) / config.prefix / w.id / tier.name
         self.stores: dict[int, PartitionStore] = {}
         self.positions: dict[int, int] = {}
         self.due = DueTimers(w)
         self._next_expiry = 0.0
         self._next_stats = time.monotonic() + STATS_LOG_INTERVAL_S
-        self._queues = frozenset(config.queues)
-        self._priority_topics = {
-            (q, prio): self.names.priority(q, prio)
-            for q in config.queues
-            for prio in range(PRIORITY_MIN, PRIORITY_MAX + 1)
-        }
         # Monitoring (monitor.py) reads the stores from its own thread: ``lock`` guards the
         # ``stores`` mapping and store closing; ``restoring`` holds partitions not yet restored.
         self.lock = threading.RLock()
@@ -148,7 +149,6 @@ class TierWorker:
         """What a rebalance callback raised, for step() to act on: never let out of the callback,
         because confluent-kafka can then raise from consume() an object no ``except`` catches
         (a failed ``committed()`` there comes out as a bare KafkaError, not an exception)."""
-        self._sticky = StickyPartitions({})  # the priority topics' partitions are learnt in run()
         self.txn = TransactionalProducers(config, tier.name)
         self._settle = AbortSettle(config, tier.name, w.transaction_timeout + HANGING_MARGIN_S)
         self._aborted = True
@@ -219,10 +219,10 @@ class TierWorker:
         # than in the first assignment's or the first release's critical path.
         self.restorer.list_topics(self.state_topic, timeout=TXN_TIMEOUT_S)
         topics = self.txn.list_topics(TXN_TIMEOUT_S)
-        self._sticky = StickyPartitions(
+        self.release.sticky = StickyPartitions(
             {
                 topic: len(topics[topic].partitions)
-                for topic in self._priority_topics.values()
+                for topic in self.release.topics.values()
                 if topic in topics and topics[topic].error is None
             }
         )
@@ -273,7 +273,7 @@ class TierWorker:
         turn = Turn(started=time.monotonic())
         # Release first: the turn's intake work then overlaps the wait for the latest due time
         # it pre-staged, and the lookahead (measured from here) accounts for it.
-        self._release(now, turn)
+        self.release.stage(self.due.take(self.stores, now), now, turn)
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -291,156 +291,12 @@ class TierWorker:
 
     # -- intake -------------------------------------------------------------------------------
 
-    def _problem(self, rec: dict[str, Any]) -> str | None:
-        if not rec["defer_id"]:
-            return "empty defer_id"
-        if not PRIORITY_MIN <= rec["priority"] <= PRIORITY_MAX:
-            return f"priority {rec['priority']} outside {PRIORITY_MIN}..{PRIORITY_MAX}"
-        if rec["queue"] not in self._queues:
-            return f"unknown queue {rec['queue']!r}"
-        if rec["due_at"] < 0:
-            return "negative due_at"
-        return None
-
     def _intake(self, msg: Message, turn: Turn, now: int) -> None:
         p, _ = where(msg)
         turn.consumed(msg)
         store = self.stores.get(p)
-        if store is None:  # not ours any more; the next owner reads it again
-            return
-        op = control.control_op(msg)
-        if op is not None:
-            self._control(op, msg, store, turn, now)
-            return
-        value = msg.value()
-        try:
-            rec = DEFERRAL.decode(value)
-            problem = self._problem(rec)
-        except SerializationError as exc:
-            rec, problem = None, str(exc)
-        if problem is not None or rec is None:
-            self._quarantine(msg, problem or "undecodable", turn, now)
-            return
-        defer_id = rec["defer_id"]
-        if defer_id in turn.seen or store.knows(defer_id):
-            turn.duplicates += 1
-            reason = "duplicate defer_id: already held or delivered"
-            turn.emit(
-                self.names.audit, defer_id.encode(), self._audit(audit.DUPLICATE, rec, now, reason)
-            )
-            return
-        turn.seen.add(defer_id)
-        turn.accepted += 1
-        turn.admitted.append(rec)
-        key = timer_key(rec["due_at"], rec["priority"], defer_id)
-        turn.change(p, TIMER + key, value)
-        audit_value = self._audit(audit.DEFERRED, rec, now, rec["reason"])
-        turn.emit(self.names.audit, key[9:], audit_value)
-
-    def _control(
-        self, op: bytes, msg: Message, store: PartitionStore, turn: Turn, now: int
-    ) -> None:
-        """A cancel or reschedule request (control.py), applied in this turn's transaction."""
-        try:
-            rec = control.decode(op, msg)
-        except SerializationError as exc:
-            self._quarantine(msg, str(exc), turn, now)
-            return
-        p, _ = where(msg)
-        effect = control.apply(
-            rec, store, turn.changelog.get(p, ()), now=now, tier=self.tier.name, actor=self.actor
-        )
-        for key, value in effect.changes:
-            turn.change(p, key, value)
-        turn.emit(self.names.audit, msg.key(), effect.audit)
-        turn.controls.append(effect)
-
-    def _quarantine(self, msg: Message, reason: str, turn: Turn, now: int) -> None:
-        turn.invalid += 1
-        key = msg.key()
-        invalid = INVALID.encode(
-            {
-                "source_topic": msg.topic(),
-                "source_partition": msg.partition(),
-                "source_offset": msg.offset(),
-                "key": key,
-                "value": msg.value(),
-                "reason": reason,
-                "rejected_at": now,
-            }
-        )
-        turn.emit(self.names.invalid, key, invalid)
-        defer_id = key.decode(errors="replace") if key else ""
-        rejected = audit.audit_value(
-            audit.REJECTED,
-            defer_id=defer_id,
-            at_ms=now,
-            reason=reason,
-            tier=self.tier.name,
-            actor=self.actor,
-        )
-        turn.emit(self.names.audit, key, rejected)
-        log.warning(
-            "tier %s: quarantined %s[%d]@%d: %s",
-            self.tier.name,
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-            reason,
-        )
-
-    # -- release ------------------------------------------------------------------------------
-
-    def _release(self, now: int, turn: Turn) -> None:
-        due = self.due.take(self.stores, now)
-        if not due:
-            return
-        # Every release of the turn becomes visible when the turn commits, which is not before
-        # the latest due time among them (pre-staged ones: see WorkerConfig.release_lookahead).
-        # That instant is the honest release stamp for all of them.
-        released_at = max(now, max(timer.due_ms for _, timer in due))
-        turn.commit_not_before_ms = released_at
-        # What every record of this release shares, encoded once.
-        delivered_tail = delivered_suffix(released_at, self.tier.name)
-        marker_delivered = marker_tail("DELIVERED", released_at)
-        records, changelog, released = turn.records, turn.changelog, turn.released
-        audit_topic, topics = self.names.audit, self._priority_topics
-        decode, audit_of, DELIVERED = DEFERRAL.decode, self._audit, audit.DELIVERED
-        sticky = self._sticky
-        sticky.new_turn()
-        for p, timer in due:
-            value = timer.value
-            rec = decode(value)
-            id_bytes = timer.key[9:]
-            headers = rec["headers"]
-            queue, priority = rec["queue"], rec["priority"]
-            # A queue dropped from the config since intake still gets its delivery.
-            topic = topics.get((queue, priority)) or self.names.priority(queue, priority)
-            key = rec["key"]
-            records.append(
-                (
-                    topic,
-                    key or id_bytes,
-                    value + delivered_tail,
-                    [(h["key"], h["value"]) for h in headers] if headers else None,
-                    -1 if key else sticky.partition(topic),
-                )
-            )
-            records.append(
-                (
-                    audit_topic,
-                    id_bytes,
-                    audit_of(DELIVERED, rec, released_at, rec["reason"]),
-                    None,
-                    -1,
-                )
-            )
-            changes = changelog.get(p)
-            if changes is None:
-                changes = changelog[p] = []
-            changes.append((TIMER + timer.key, None))
-            changes.append((MARKER_PREFIX + id_bytes, marker_value(id_bytes, marker_delivered)))
-            released.append(rec)
+        if store is not None:  # else not ours any more: the next owner reads it again
+            self.intake.take(msg, p, store, turn, now)
 
     def _expire_markers(self, now: int, turn: Turn) -> None:
         if time.monotonic() < self._next_expiry:

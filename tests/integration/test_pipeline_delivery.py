@@ -223,7 +223,7 @@ def test_keyed_events_keep_their_order_and_keyless_ones_share_a_partition_per_tu
     kafka_bootstrap: str, unique_prefix: str, tmp_path: Path
 ) -> None:
     """A keyed event's record goes where its key hashes (per-key order holds); the keyless
-    events released in one turn go to one partition per priority topic (worker._sticky)."""
+    events released in one turn go to one partition per priority topic (Release.sticky)."""
     config = pipeline_config(unique_prefix, kafka_bootstrap, tmp_path / "state", partitions=6)
     ensure_topics(config)
     at = datetime.now(UTC) + timedelta(seconds=2)
