@@ -14,10 +14,11 @@ from ensync_kafka._release import Release
 from ensync_kafka._sticky import StickyPartitions
 from ensync_kafka._turn import Turn
 from ensync_kafka.audit import DeferralAudit
-from ensync_kafka.codec import AUDIT, DEFERRAL, DELIVERED, INVALID, MARKER
+from ensync_kafka.codec import AUDIT, DELIVERED, INVALID, MARKER
 from ensync_kafka.control import CONTROL, OP_HEADER
 from ensync_kafka.state import MARKER_PREFIX, TIMER, PartitionStore, Timer, timer_key
 from ensync_kafka.topics import TopicNames
+from tests.helpers import raw_deferral
 
 NAMES = TopicNames("t")
 QUEUES = ("default", "billing")
@@ -25,12 +26,9 @@ TOPIC = NAMES.defer("10s")
 NOW = 1_000_000
 
 
-def _deferral(defer_id: str = "d1", **fields: Any) -> dict[str, Any]:
-    return {
-        "defer_id": defer_id, "name": "n", "payload": b"{}", "content_type": "application/json",
-        "key": None, "headers": [], "priority": 3, "queue": "default", "deferred_at": 1,
-        "due_at": NOW + 500, "reason": "r", "attempt": 1, "history": [], **fields,
-    }  # fmt: skip
+def _value(defer_id: str = "d1", **changes: Any) -> bytes:
+    """A Deferral's bytes: priority 3, reason "r", due 500 ms after NOW, unless changed."""
+    return raw_deferral(defer_id, **{"priority": 3, "reason": "r", "due_at": NOW + 500, **changes})
 
 
 def _msg(value: bytes, *, key: bytes | None = b"d1", offset: int = 7, headers: Any = None) -> Any:
@@ -61,7 +59,7 @@ def test_a_deferral_is_held_as_a_timer_and_audited_as_deferred(
     intake: Intake, store: PartitionStore
 ) -> None:
     turn = Turn()
-    value = DEFERRAL.encode(_deferral())
+    value = _value()
     intake.take(_msg(value), 2, store, turn, NOW)
     key = timer_key(NOW + 500, 3, "d1")
     assert turn.changelog == {2: [(TIMER + key, value)]}
@@ -73,7 +71,7 @@ def test_a_deferral_is_held_as_a_timer_and_audited_as_deferred(
 def test_a_defer_id_seen_in_the_turn_or_held_is_a_duplicate(
     intake: Intake, store: PartitionStore
 ) -> None:
-    value = DEFERRAL.encode(_deferral())
+    value = _value()
     turn = Turn()
     intake.take(_msg(value), 2, store, turn, NOW)
     intake.take(_msg(value, offset=8), 2, store, turn, NOW)
@@ -89,10 +87,10 @@ def test_a_defer_id_seen_in_the_turn_or_held_is_a_duplicate(
     ("value", "reason"),
     [
         (b"\x00garbage", "not an ensync Deferral record"),
-        (DEFERRAL.encode(_deferral(priority=9)), "priority 9 outside 1..5"),
-        (DEFERRAL.encode(_deferral(queue="nope")), "unknown queue 'nope'"),
-        (DEFERRAL.encode(_deferral(defer_id="")), "empty defer_id"),
-        (DEFERRAL.encode(_deferral(due_at=-1)), "negative due_at"),
+        (_value(priority=9), "priority 9 outside 1..5"),
+        (_value(queue="nope"), "unknown queue 'nope'"),
+        (_value(""), "empty defer_id"),
+        (_value(due_at=-1), "negative due_at"),
     ],
 )
 def test_a_bad_record_is_quarantined_as_it_came_with_its_reason(
@@ -114,7 +112,7 @@ def test_a_cancel_in_the_same_turn_removes_the_timer_the_turn_added(
     intake: Intake, store: PartitionStore
 ) -> None:
     turn = Turn()
-    intake.take(_msg(DEFERRAL.encode(_deferral())), 2, store, turn, NOW)
+    intake.take(_msg(_value()), 2, store, turn, NOW)
     cancel = CONTROL.encode(
         {"op": "CANCEL", "defer_id": "d1", "request_id": "r1", "due_at": None, "at": NOW,
          "reason": "no longer needed", "actor": "ops"}
@@ -139,8 +137,10 @@ def test_a_malformed_control_request_is_quarantined(intake: Intake, store: Parti
 
 
 def _timer(defer_id: str, due: int, **fields: Any) -> Timer:
-    rec = _deferral(defer_id, due_at=due, **fields)
-    return Timer(key=timer_key(due, rec["priority"], defer_id), value=DEFERRAL.encode(rec))
+    priority = fields.get("priority", 3)
+    return Timer(
+        key=timer_key(due, priority, defer_id), value=_value(defer_id, due_at=due, **fields)
+    )
 
 
 @pytest.fixture
